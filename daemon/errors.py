@@ -1,0 +1,81 @@
+"""The daemon's exception tree. Every error carries a title and a hint that says what to do next.
+
+    DaemonError                 .title + .hint; str() is "title. hint"
+    ├── ConfigError             fatal at start; lists every problem with the file and key
+    ├── TransientError          retried automatically with backoff (network, 429/5xx, timeouts, busy tools)
+    │   ├── OfflineError        the API cannot be reached at all
+    │   └── StorageQuotaFull    the Files API storage quota is full: free space, never sleep on RetryInfo
+    └── PermanentError          the recording is marked failed/rejected; no retry until a person asks
+        ├── RejectedInput       the input itself is unusable (not audio, empty, no audio stream, ...)
+        ├── TranscodeError      ffmpeg failed on an input it could probe
+        ├── UnsupportedFormat   the API refused the MIME type of the converted file
+        └── IllegalTransition   a bug: a state change the lifecycle does not allow
+"""
+
+from __future__ import annotations
+
+
+class DaemonError(Exception):
+    """Base class: a title saying what went wrong and a hint saying what to do."""
+
+    def __init__(self, title: str, hint: str = "") -> None:
+        super().__init__(f"{title}. {hint}" if hint else title)
+        self.title = title
+        self.hint = hint
+
+
+class ConfigError(DaemonError):
+    """The configuration file has problems; `problems` lists each one, naming the file and key."""
+
+    def __init__(self, path: str, problems: list[str]) -> None:
+        self.path = path
+        self.problems = problems
+        listing = "\n".join(f"  - {problem}" for problem in problems)
+        super().__init__(f"{path}: {len(problems)} problem(s) in the configuration:\n{listing}")
+
+
+class TransientError(DaemonError):
+    """A passing problem; the work is retried later. `retry_after` is a server hint in seconds, if sane."""
+
+    def __init__(self, title: str, hint: str = "", retry_after: float | None = None) -> None:
+        super().__init__(title, hint)
+        self.retry_after = retry_after
+
+
+class OfflineError(TransientError):
+    """The API cannot be reached (connection refused, DNS, reset)."""
+
+
+class AuthError(TransientError):
+    """The API key is missing or refused; everything waits until it is fixed, without hammering."""
+
+
+class StorageQuotaFull(TransientError):
+    """The project's Files API storage is full."""
+
+
+class RemoteFileGone(TransientError):
+    """A remote file answered 403 PERMISSION_DENIED: it expired or was deleted; re-upload it."""
+
+
+class PermanentError(DaemonError):
+    """A problem that retrying will not fix."""
+
+
+class RejectedInput(PermanentError):
+    """The input file itself is unusable: empty, not audio, no audio stream, corrupt beyond repair."""
+
+
+class TranscodeError(PermanentError):
+    """ffmpeg failed on a file it could probe; the title carries the last line of its stderr."""
+
+
+class UnsupportedFormat(PermanentError):
+    """The API refused the converted file's MIME type."""
+
+
+class IllegalTransition(PermanentError):
+    """A bug: a recording was asked to move between two states the lifecycle does not connect."""
+
+    def __init__(self, current: str, target: str) -> None:
+        super().__init__(f"illegal state change {current} -> {target}")
