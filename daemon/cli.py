@@ -1,0 +1,279 @@
+"""The `audiodrop` command. Status commands read the database directly and read-only (WAL lets them run while
+the daemon writes); the only writes are a retry request and, later, queued prompts. Heavy imports (the SDK,
+watchdog, APScheduler) stay inside `run`, so status answers at once."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import sys
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import click
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from daemon.config import Settings, load_settings
+from daemon.errors import ConfigError, DaemonError
+from daemon.lifecycle import RecordingState
+from db import queries
+from db.models import Recording
+from db.session import make_engine, make_sessionmaker
+
+STATES = [state.value for state in RecordingState]
+PROMPT_STATES = ["queued", "running", "done", "failed"]
+
+
+def config_option(function: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+                        help="Configuration file (default: $AUDIODROP_CONFIG, then "
+                             "$XDG_CONFIG_HOME/audiodrop/config.toml).")(function)
+
+
+def json_option(function: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON only.")(function)
+
+
+def fail(message: str) -> None:
+    click.echo(f"audiodrop: {message}", err=True)
+    sys.exit(1)
+
+
+def settings_or_exit(config_path: str | None) -> Settings:
+    try:
+        return load_settings(config_path)
+    except ConfigError as err:
+        fail(str(err))
+        raise  # unreachable
+
+
+def open_session(settings: Settings, *, write: bool = False) -> Session | None:
+    """A session on the daemon's database, or None when the daemon has never run."""
+    if not settings.database_path.exists():
+        return None
+    engine = make_engine(settings.database_path, readonly=not write)
+    return make_sessionmaker(engine)()
+
+
+def iso(value: datetime | None) -> str | None:
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z") if value else None
+
+
+def daemon_running(settings: Settings) -> bool:
+    """True while a daemon holds the state_dir lock."""
+    try:
+        with open(settings.lock_path, encoding="ascii") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError:
+                return True
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            return False
+    except OSError:
+        return False
+
+
+def recording_json(recording: Recording) -> dict[str, Any]:
+    has_remote = recording.remote_name and recording.state in ("processing", "active")
+    return {
+        "id": recording.id,
+        "source_path": recording.source_path,
+        "state": recording.state,
+        "error": recording.error,
+        "warning": recording.warning,
+        "duration_seconds": recording.duration_seconds,
+        "sha256": recording.sha256,
+        "converted": {"path": recording.converted_path, "bytes": recording.converted_bytes,
+                      "mime_type": recording.converted_mime, "format": recording.converted_format}
+        if recording.converted_path and recording.state not in ("discovered", "converting") else None,
+        "remote": {"name": recording.remote_name, "uri": recording.remote_uri,
+                   "expires_at": iso(recording.remote_expires_at), "bytes": recording.remote_bytes}
+        if has_remote else None,
+        "attempts": recording.attempts,
+        "next_attempt_at": iso(recording.next_attempt_at),
+        "created_at": iso(recording.created_at),
+        "state_changed_at": iso(recording.state_changed_at),
+    }
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="audiodrop")
+def main() -> None:
+    """audiodrop: converts recordings dropped in watched folders and uploads them to the Gemini API."""
+
+
+@main.command()
+@config_option
+def run(config_path: str | None) -> None:
+    """Run the daemon in the foreground (what the systemd unit starts)."""
+    from daemon import logs
+    from daemon.service import Daemon
+
+    settings = settings_or_exit(config_path)
+    logs.setup(settings.log_level)
+    try:
+        Daemon(settings).run()
+    except DaemonError as err:
+        fail(str(err))
+
+
+@main.command()
+@config_option
+@json_option
+def status(config_path: str | None, as_json: bool) -> None:
+    """Counts by state, storage used, the next expiry and whether the daemon runs."""
+    settings = settings_or_exit(config_path)
+    session = open_session(settings)
+    running = daemon_running(settings)
+    counts: dict[str, int] = {}
+    prompts: dict[str, int] = {}
+    used, upcoming, state = 0, None, None
+    if session is not None:
+        with session:
+            counts = queries.recording_counts(session)
+            prompts = queries.prompt_counts(session)
+            used = queries.storage_used(session)
+            upcoming = queries.next_expiry(session)
+            state = queries.daemon_state(session)
+    waiting = state.waiting_for if state and running else None
+    report = {
+        "daemon": {"running": running, "pid": state.pid if state and running else None,
+                   "heartbeat_at": iso(state.heartbeat_at) if state else None, "waiting_for": waiting,
+                   "offline_since": iso(state.offline_since) if state and running else None},
+        "recordings": {name: counts.get(name, 0) for name in STATES},
+        "prompts": {name: prompts.get(name, 0) for name in PROMPT_STATES},
+        "storage": {"used_bytes": used, "limit_bytes": settings.gemini.storage_limit_bytes},
+        "next_expiry": {"recording_id": upcoming[0], "expires_at": iso(upcoming[1])} if upcoming else None,
+        "state_dir": str(settings.state_dir),
+    }
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if running:
+        console.print(f"daemon: [green]running[/green] (pid {report['daemon']['pid']})")
+    else:
+        console.print("daemon: [red]not running[/red]" + ("" if session else " (no database yet)"))
+    if waiting:
+        console.print(f"waiting: {waiting}")
+    table = Table("recordings", "count", "prompts", "count", box=None)
+    for index in range(max(len(STATES), len(PROMPT_STATES))):
+        left = STATES[index] if index < len(STATES) else ""
+        right = PROMPT_STATES[index] if index < len(PROMPT_STATES) else ""
+        table.add_row(left, str(report["recordings"][left]) if left else "",
+                      right, str(report["prompts"][right]) if right else "")
+    console.print(table)
+    console.print(f"storage: {used / 1e9:.2f} GB used of {settings.gemini.storage_limit_bytes / 1e9:.2f} GB")
+    if upcoming:
+        console.print(f"next expiry: recording {upcoming[0]} at {iso(upcoming[1])}")
+
+
+@main.command()
+@config_option
+@json_option
+@click.option("--state", type=click.Choice(STATES), help="Only recordings in this state.")
+def files(config_path: str | None, as_json: bool, state: str | None) -> None:
+    """List the recordings."""
+    settings = settings_or_exit(config_path)
+    session = open_session(settings)
+    recordings: list[Recording] = []
+    if session is not None:
+        with session:
+            query = select(Recording).order_by(Recording.id)
+            if state:
+                query = query.where(Recording.state == state)
+            recordings = list(session.scalars(query).all())
+    if as_json:
+        click.echo(json.dumps([recording_json(r) for r in recordings], indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("id", "state", "duration", "size", "expires", "file", "note")
+    for r in recordings:
+        note = r.error or r.warning or ""
+        table.add_row(str(r.id), r.state, f"{r.duration_seconds:.0f} s" if r.duration_seconds else "",
+                      f"{r.converted_bytes / 1e3:.0f} kB" if r.converted_bytes else "",
+                      iso(r.remote_expires_at) or "" if r.state == "active" else "",
+                      Path(r.source_path).name, note)
+    Console().print(table if recordings else "no recordings yet")
+
+
+@main.command()
+@config_option
+@json_option
+@click.argument("recording_id", type=int)
+def show(config_path: str | None, as_json: bool, recording_id: int) -> None:
+    """One recording and its history."""
+    settings = settings_or_exit(config_path)
+    session = open_session(settings)
+    if session is None:
+        fail(f"no recording with id {recording_id} (the daemon has not run yet)")
+    assert session is not None
+    with session:
+        recording = queries.recording_by_id(session, recording_id)
+        if recording is None:
+            fail(f"no recording with id {recording_id}")
+        assert recording is not None
+        report = recording_json(recording)
+        report["duplicates"] = [{"path": a.path, "seen_at": iso(a.seen_at)} for a in recording.aliases]
+        report["history"] = [{"at": iso(e.at), "from": e.from_state, "to": e.to_state, "reason": e.reason}
+                             for e in recording.events]
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(f"[bold]recording {report['id']}[/bold]  {report['state']}  {report['source_path']}")
+    for key in ("error", "warning", "duration_seconds", "sha256"):
+        if report[key] is not None:
+            console.print(f"  {key}: {report[key]}")
+    if report["converted"]:
+        c = report["converted"]
+        console.print(f"  converted: {c['path']} ({c['bytes']} bytes, {c['mime_type']})")
+    if report["remote"]:
+        r = report["remote"]
+        console.print(f"  remote: {r['name']} expires {r['expires_at']}")
+    for duplicate in report["duplicates"]:
+        console.print(f"  duplicate: {duplicate['path']} (seen {duplicate['seen_at']})")
+    table = Table("at", "change", "reason", box=None)
+    for event in report["history"]:
+        change = event["to"] if event["from"] in (None, event["to"]) else f"{event['from']} -> {event['to']}"
+        table.add_row(event["at"], change, event["reason"])
+    console.print(table)
+
+
+@main.command()
+@config_option
+@click.argument("recording_id", type=int)
+def retry(config_path: str | None, recording_id: int) -> None:
+    """Retry a failed or rejected recording now."""
+    from daemon import lifecycle
+
+    settings = settings_or_exit(config_path)
+    session = open_session(settings, write=True)
+    if session is None:
+        fail(f"no recording with id {recording_id} (the daemon has not run yet)")
+    assert session is not None
+    with session:
+        recording = queries.recording_by_id(session, recording_id)
+        if recording is None:
+            fail(f"no recording with id {recording_id}")
+        assert recording is not None
+        if recording.state not in ("failed", "rejected"):
+            fail(f"recording {recording_id} is {recording.state}; only failed or rejected recordings can be retried")
+        lifecycle.retry(session, recording, now=datetime.now(UTC), reason="retry requested from the command line")
+        session.commit()
+    click.echo(f"recording {recording_id} queued for another attempt")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""The only module that imports google.genai: a narrow client for the Files API and prompts, and the one
+place where SDK and transport errors become the daemon's own (daemon.errors).
+
+The SDK's defaults are dangerous for a daemon (no timeout, no retry; RetryInfo ignored), so both are set
+here explicitly. 429s are not retried by the SDK: the daemon decides (a storage-quota 429 means "free
+space", a rate-limit 429 carries a delay worth honouring).
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import httpx2
+from google import genai
+from google.genai import errors as genai_errors
+from google.genai import types
+
+from daemon.config import GeminiSettings
+from daemon.errors import (
+    AuthError,
+    OfflineError,
+    PermanentError,
+    RemoteFileGone,
+    StorageQuotaFull,
+    TransientError,
+    UnsupportedFormat,
+)
+
+log = logging.getLogger(__name__)
+
+# Every file we upload carries this prefix in its display name; files without it are never touched.
+DISPLAY_PREFIX = "audiodrop-"
+# A RetryInfo delay longer than this is not a real delay (the storage quota's is about 2^63 s).
+SANE_RETRY_SECONDS = 3600.0
+TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    name: str
+    uri: str
+    mime_type: str
+    size_bytes: int
+    state: str  # PROCESSING, ACTIVE, FAILED
+    expires_at: datetime | None
+    display_name: str | None
+    sha256_hex: str | None
+    error: str | None = None
+
+
+def display_name_for(recording_id: int, sha256: str) -> str:
+    """Marks a remote file as ours and names its recording, never the user's file name (non-ASCII safe)."""
+    return f"{DISPLAY_PREFIX}{recording_id}-{sha256[:16]}"
+
+
+def _sha256_hex(value: str | None) -> str | None:
+    # The server sends base64 of the lowercase hex digest text, not of the raw digest.
+    if not value:
+        return None
+    try:
+        decoded = base64.b64decode(value).decode("ascii")
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return decoded.lower() if re.fullmatch(r"[0-9a-fA-F]{64}", decoded) else None
+
+
+def _remote(file: types.File) -> RemoteFile:
+    state = file.state.value if file.state is not None else "STATE_UNSPECIFIED"
+    error = file.error.message if file.error is not None else None
+    return RemoteFile(
+        name=file.name or "",
+        uri=file.uri or "",
+        mime_type=file.mime_type or "",
+        size_bytes=int(file.size_bytes or 0),
+        state=state,
+        expires_at=file.expiration_time,
+        display_name=file.display_name,
+        sha256_hex=_sha256_hex(file.sha256_hash),
+        error=error,
+    )
+
+
+def _retry_delay(details: Any) -> float | None:
+    """The RetryInfo delay of an error body, if any and sane."""
+    error = details.get("error", {}) if isinstance(details, dict) else {}
+    for item in error.get("details", []) or []:
+        if isinstance(item, dict) and item.get("@type", "").endswith("google.rpc.RetryInfo"):
+            match = re.fullmatch(r"(\d+(?:\.\d+)?)s", str(item.get("retryDelay", "")))
+            if match:
+                seconds = float(match.group(1))
+                return seconds if seconds <= SANE_RETRY_SECONDS else None
+    return None
+
+
+def _is_storage_quota(err: genai_errors.APIError) -> bool:
+    text = f"{err.message} {err.details}"
+    return "file_storage_bytes" in text or "FileStorageBytesPerProject" in text
+
+
+def translate(err: BaseException, *, subject: str) -> Exception:
+    """The daemon error for an SDK or transport error; `subject` names what was being done."""
+    if isinstance(err, httpx2.ConnectError):
+        return OfflineError(f"{subject}: the Gemini API cannot be reached ({err})",
+                            "check the network; everything waits and resumes by itself")
+    if isinstance(err, httpx2.TimeoutException):
+        return TransientError(f"{subject}: timed out ({type(err).__name__})", "retried automatically")
+    if isinstance(err, httpx2.TransportError):
+        return TransientError(f"{subject}: connection lost ({type(err).__name__}: {err})", "retried automatically")
+    if isinstance(err, genai_errors.APIError):
+        code, status, message = err.code, err.status or "", (err.message or "").strip()
+        described = f"{code} {status}: {message}".strip(": ")
+        if code == 403 and "may not exist" in message:
+            return RemoteFileGone(f"{subject}: the remote file is gone ({described})", "it is uploaded again")
+        if code in (401, 403) or "API key" in message or "API_KEY" in str(err.details):
+            return AuthError(f"{subject}: the API key was refused ({described})",
+                             "set a valid key in GEMINI_API_KEY, gemini.api_key_file or the gemini-api-key credential")
+        if code == 429 and _is_storage_quota(err):
+            return StorageQuotaFull(f"{subject}: the project's Files API storage is full ({described})",
+                                    "audiodrop frees space by deleting its own unneeded uploads")
+        if code in TRANSIENT_STATUS:
+            return TransientError(f"{subject}: {described or 'server error'}", "retried automatically",
+                                  retry_after=_retry_delay(err.details))
+        if code == 400 and "mime type" in message.lower():
+            return UnsupportedFormat(f"{subject}: the API refused the format ({described})",
+                                     "the recording is re-encoded to the fallback format")
+        return PermanentError(f"{subject}: the API refused the request ({described})",
+                              "fix the cause, then run `audiodrop retry ID`")
+    if isinstance(err, ValueError) and "upload" in str(err).lower():
+        return TransientError(f"{subject}: upload not finalized ({err})", "retried automatically")
+    return err if isinstance(err, Exception) else RuntimeError(str(err))
+
+
+@contextmanager
+def convert_api_errors(subject: str) -> Iterator[None]:
+    try:
+        yield
+    except (genai_errors.APIError, httpx2.HTTPError, ValueError) as err:
+        translated = translate(err, subject=subject)
+        if translated is err:
+            raise
+        raise translated from err
+
+
+class GeminiClient:
+    """Files API and prompts over the real SDK, with explicit timeouts and retries."""
+
+    def __init__(self, api_key: str, settings: GeminiSettings) -> None:
+        self.settings = settings
+        options: dict[str, Any] = {
+            "timeout": int(settings.request_timeout_seconds * 1000),
+            # 429 is left out on purpose: the daemon treats storage and rate 429s differently.
+            "retry_options": types.HttpRetryOptions(attempts=3, initial_delay=1.0, max_delay=8.0,
+                                                    http_status_codes=[408, 500, 502, 503, 504]),
+        }
+        if settings.base_url:
+            options["base_url"] = settings.base_url
+        if settings.api_version:
+            options["api_version"] = settings.api_version
+        self._client = genai.Client(api_key=api_key, http_options=types.HttpOptions(**options))
+
+    def upload(self, path: Path, *, mime_type: str, display_name: str) -> RemoteFile:
+        # An open file object, not a path: the SDK puts a path's basename in a header, which breaks on
+        # non-ASCII names. The MIME type is always explicit (guessing is host-dependent).
+        config = types.UploadFileConfig(
+            mime_type=mime_type,
+            display_name=display_name,
+            http_options=types.HttpOptions(timeout=int(self.settings.upload_timeout_seconds * 1000)),
+        )
+        with convert_api_errors(f"upload of {path.name}"), open(path, "rb") as stream:
+            return _remote(self._client.files.upload(file=stream, config=config))
+
+    def get(self, name: str) -> RemoteFile:
+        with convert_api_errors(f"files.get {name}"):
+            return _remote(self._client.files.get(name=name))
+
+    def delete(self, name: str) -> None:
+        with convert_api_errors(f"files.delete {name}"):
+            self._client.files.delete(name=name)
+
+    def list_files(self) -> list[RemoteFile]:
+        with convert_api_errors("files.list"):
+            return [_remote(f) for f in self._client.files.list(config={"page_size": 100})]
+
+    def close(self) -> None:
+        self._client.close()

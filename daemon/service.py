@@ -1,0 +1,286 @@
+"""The composition root: configuration -> database at head -> lock -> recovery -> watchers and jobs ->
+READY -> wait for a signal -> orderly stop. No business rules live here."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import queue
+import signal
+import socket
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+from typing import IO
+
+from apscheduler.schedulers.background import BackgroundScheduler
+from sqlalchemy import select
+
+from daemon import conversion, intake, lifecycle, systemd, uploader
+from daemon.config import Settings, find_api_key
+from daemon.context import Context
+from daemon.errors import DaemonError
+from daemon.gemini import GeminiClient
+from daemon.lifecycle import RecordingState as S
+from daemon.watcher import Hint, Watcher
+from db import queries
+from db.models import DaemonState, Recording
+from db.session import make_engine, make_sessionmaker, session_scope, upgrade_to_head
+
+log = logging.getLogger(__name__)
+
+INTAKE_TICK_SECONDS = 0.25
+UPLOAD_TICK_SECONDS = 1.0
+HEARTBEAT_SECONDS = 5.0
+
+
+class AlreadyRunning(DaemonError):
+    pass
+
+
+def acquire_lock(path: Path) -> IO[str]:
+    """One daemon per state_dir: an exclusive flock held for the process's lifetime."""
+    handle = open(path, "a+", encoding="ascii")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        if err.errno not in (errno.EAGAIN, errno.EACCES):
+            raise
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise AlreadyRunning(f"another audiodrop daemon (pid {holder}) already uses {path.parent}",
+                             "stop it first, or give this one its own state_dir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
+
+
+class Daemon:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.stop_event = threading.Event()
+        self.hints: queue.Queue[Hint] = queue.Queue()
+        self.scheduler = BackgroundScheduler(timezone=UTC, job_defaults={"coalesce": True, "max_instances": 1,
+                                                                         "misfire_grace_time": 30})
+        self.has_key = False
+
+    # -- start and stop ------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        settings = self.settings
+        for folder in (settings.state_dir, settings.results_dir, settings.converted_dir):
+            folder.mkdir(parents=True, exist_ok=True, mode=0o750)
+        lock = acquire_lock(settings.lock_path)
+        try:
+            upgrade_to_head(settings.database_path)
+            engine = make_engine(settings.database_path)
+            api_key, key_source = find_api_key(settings)
+            self.has_key = api_key is not None
+            client = GeminiClient(api_key, settings.gemini) if api_key else None
+            self.ctx = Context(settings=settings, sessions=make_sessionmaker(engine), client=client)
+            self.ctx.wake = self.wake
+            if client is None:
+                log.warning("no API key found (GEMINI_API_KEY, GOOGLE_API_KEY, gemini.api_key_file or the systemd "
+                            "credential gemini-api-key): recordings are converted and wait for one")
+            else:
+                log.info("API key from %s", key_source)
+            self.recover()
+            self.conversions = ThreadPoolExecutor(max_workers=settings.conversion.workers,
+                                                  thread_name_prefix="convert")
+            self.converting: set[int] = set()
+            self.converting_lock = threading.Lock()
+            self.uploader = uploader.Uploader(self.ctx)
+            self.watcher = Watcher(settings, self.hints)
+            self.watcher.start()
+            self._schedule_jobs()
+            self._install_signal_handlers()
+            self.heartbeat()
+            systemd.notify("READY=1")
+            log.info("audiodrop is running (state in %s)", settings.state_dir)
+            self.stop_event.wait()
+            self.shutdown()
+            engine.dispose()
+        finally:
+            lock.close()
+
+    def _schedule_jobs(self) -> None:
+        add = self.scheduler.add_job
+        now = datetime.now(UTC)
+        add(self.intake_tick, "interval", seconds=INTAKE_TICK_SECONDS, id="intake")
+        add(self.scan, "interval", seconds=self.settings.intake.scan_interval_seconds, id="scan", next_run_time=now)
+        add(self.uploader.dispatch, "interval", seconds=UPLOAD_TICK_SECONDS, id="upload")
+        add(uploader.poll_processing, "interval", args=[self.ctx], id="processing",
+            seconds=self.settings.gemini.processing_poll_seconds)
+        add(self.retry_due, "interval", seconds=5, id="retry")
+        add(self.heartbeat, "interval", seconds=HEARTBEAT_SECONDS, id="heartbeat")
+        interval = systemd.watchdog_interval()
+        if interval:
+            add(systemd.notify, "interval", args=["WATCHDOG=1"], seconds=interval, id="watchdog")
+        self.scheduler.start()
+
+    def wake(self, job_id: str) -> None:
+        """Run a job now instead of at its next tick (a conversion finished, an upload slot freed)."""
+        try:
+            self.scheduler.modify_job(job_id, next_run_time=datetime.now(UTC))
+        except Exception:  # the job is gone during shutdown
+            pass
+
+    def _install_signal_handlers(self) -> None:
+        def stop(signum: int, _frame: FrameType | None) -> None:
+            log.info("received %s, stopping", signal.Signals(signum).name)
+            self.stop_event.set()
+
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, stop)
+            signal.signal(signal.SIGINT, stop)
+
+    def shutdown(self) -> None:
+        systemd.notify("STOPPING=1")
+        self.scheduler.shutdown(wait=True)
+        self.watcher.stop()
+        # In-flight conversions are abandoned, not awaited: their rows go back to discovered at the next start
+        # and their temporary files never reach a final name.
+        self.conversions.shutdown(wait=False, cancel_futures=True)
+        self.uploader.shutdown()
+        with session_scope(self.ctx.sessions) as session:
+            state = session.get(DaemonState, 1)
+            if state is not None:
+                state.stopped_at = self.ctx.now()
+        log.info("audiodrop stopped")
+
+    def recover(self) -> None:
+        """Work a previous run left half done goes back to where it resumes safely."""
+        with session_scope(self.ctx.sessions) as session:
+            stale = session.scalars(select(Recording.id).where(Recording.state == S.CONVERTING.value)).all()
+            for recording_id in stale:
+                lifecycle.advance(session, recording_id, expected=S.CONVERTING, to=S.DISCOVERED, now=self.ctx.now(),
+                                  reason="the daemon stopped during conversion; converting again",
+                                  closed_after_write=True)
+        if stale:
+            log.info("resuming %d conversion(s) interrupted by the last stop", len(stale))
+
+    # -- jobs ----------------------------------------------------------------------------------------
+
+    def intake_tick(self) -> None:
+        """Take in watcher hints, then claim every settled file for conversion (up to the free workers)."""
+        ctx = self.ctx
+        seen: dict[Path, Hint] = {}
+        while True:
+            try:
+                hint = self.hints.get_nowait()
+            except queue.Empty:
+                break
+            previous = seen.get(hint.path)
+            seen[hint.path] = Hint(hint.path, closed=hint.closed or bool(previous and previous.closed),
+                                   rescan=hint.rescan or bool(previous and previous.rescan))
+        if seen:
+            with session_scope(ctx.sessions) as session:
+                for hint in seen.values():
+                    if hint.rescan:
+                        for found in intake.scan_folder(hint.path, self.settings):
+                            intake.observe(session, found, closed=False, now=ctx.now())
+                        continue
+                    found = intake.candidate(hint.path, self.settings)
+                    if found is not None:
+                        intake.observe(session, found, closed=hint.closed, now=ctx.now())
+        self.claim_settled()
+
+    def claim_settled(self) -> None:
+        ctx = self.ctx
+        with self.converting_lock:
+            free = self.settings.conversion.workers - len(self.converting)
+        if free <= 0:
+            return
+        claimed: list[int] = []
+        with session_scope(ctx.sessions) as session:
+            pending = session.scalars(select(Recording).where(Recording.state == S.DISCOVERED.value)
+                                      .order_by(Recording.id)).all()
+            for recording in pending:
+                if len(claimed) >= free:
+                    break
+                found = intake.candidate(Path(recording.source_path), self.settings)
+                if found is None:
+                    if not os.path.exists(recording.source_path) and lifecycle.forget(session, recording.id):
+                        log.info("%s: vanished before it was complete; forgotten", recording.source_path)
+                    continue
+                intake.observe(session, found, closed=False, now=ctx.now())
+                session.refresh(recording)
+                if not intake.is_settled(closed_after_write=recording.closed_after_write,
+                                         last_change_at=recording.last_change_at, now=ctx.now(),
+                                         intake=self.settings.intake):
+                    continue
+                if intake.open_for_writing(found.path):
+                    continue
+                if lifecycle.advance(session, recording.id, expected=S.DISCOVERED, to=S.CONVERTING,
+                                     now=ctx.now(), reason="the file is complete; converting"):
+                    claimed.append(recording.id)
+        for recording_id in claimed:
+            with self.converting_lock:
+                self.converting.add(recording_id)
+            self.conversions.submit(self._convert, recording_id)
+
+    def _convert(self, recording_id: int) -> None:
+        try:
+            conversion.convert_recording(self.ctx, recording_id)
+        except Exception:
+            log.exception("recording %d: unexpected error during conversion", recording_id)
+            with session_scope(self.ctx.sessions) as session:
+                lifecycle.advance(session, recording_id, expected=S.CONVERTING, to=S.FAILED, now=self.ctx.now(),
+                                  reason="unexpected error during conversion (see the daemon log)",
+                                  error="unexpected error during conversion; see the daemon log")
+        finally:
+            with self.converting_lock:
+                self.converting.discard(recording_id)
+            self.wake("intake")
+
+    def scan(self) -> None:
+        """The reconcile scan: the folders are the truth; events are only hints."""
+        found = intake.scan(self.settings)
+        with session_scope(self.ctx.sessions) as session:
+            for item in found:
+                intake.observe(session, item, closed=False, now=self.ctx.now())
+
+    def retry_due(self) -> None:
+        now = self.ctx.now()
+        with session_scope(self.ctx.sessions) as session:
+            due = session.scalars(select(Recording).where(Recording.state == S.FAILED.value,
+                                                          Recording.next_attempt_at.is_not(None),
+                                                          Recording.next_attempt_at <= now)).all()
+            for recording in due:
+                lifecycle.retry(session, recording, now=now, reason=f"automatic retry (attempt {recording.attempts + 1})")
+
+    def heartbeat(self) -> None:
+        ctx = self.ctx
+        waiting = ctx.waiting.describe(self.has_key)
+        with session_scope(ctx.sessions) as session:
+            state = session.get(DaemonState, 1)
+            if state is None:
+                state = DaemonState(id=1, started_at=ctx.now())
+                session.add(state)
+            if state.pid != os.getpid():
+                state.started_at = ctx.now()
+            state.pid = os.getpid()
+            state.hostname = socket.gethostname()
+            state.heartbeat_at = ctx.now()
+            state.stopped_at = None
+            state.waiting_for = waiting
+            state.offline_since = ctx.waiting.offline_since
+            counts = queries.recording_counts(session)
+            used = queries.storage_used(session)
+        systemd.notify("STATUS=" + status_line(counts, used, self.settings.gemini.storage_limit_bytes, waiting))
+
+
+def status_line(counts: dict[str, int], used: int, limit: int, waiting: str | None) -> str:
+    """One line for `systemctl status`: '3 converting · 12 active · 4.1 of 20 GB · offline since …'."""
+    parts = [f"{count} {state}" for state, count in sorted(counts.items()) if count]
+    parts.append(f"{used / 1e9:.1f} of {limit / 1e9:.0f} GB")
+    if waiting:
+        parts.append(waiting.split(";")[0])
+    return " · ".join(parts) if parts else "idle"

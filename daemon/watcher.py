@@ -1,0 +1,132 @@
+"""watchdog observers on the drop folders. Events become hints on a queue (a path, and whether a writer just
+closed it); intake decides what they mean. Folders on network or FUSE mounts are polled, since inotify
+never fires there."""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+from dataclasses import dataclass
+from pathlib import Path
+
+from watchdog.events import (
+    DirCreatedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
+from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver
+from watchdog.observers.polling import PollingObserver
+
+from daemon.config import Settings, Watch
+
+log = logging.getLogger(__name__)
+
+NETWORK_FILESYSTEMS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "afs", "ceph", "glusterfs", "sshfs"}
+
+
+@dataclass(frozen=True)
+class Hint:
+    """Something may have happened at `path`: `closed` is a close-after-write, `rescan` a whole new folder."""
+
+    path: Path
+    closed: bool = False
+    rescan: bool = False
+
+
+class _Handler(FileSystemEventHandler):
+    def __init__(self, hints: queue.Queue[Hint]) -> None:
+        self.hints = hints
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if isinstance(event, FileClosedEvent):
+            self.hints.put(Hint(Path(os.fsdecode(event.src_path)), closed=True))
+        elif isinstance(event, (FileCreatedEvent, FileModifiedEvent)):
+            self.hints.put(Hint(Path(os.fsdecode(event.src_path))))
+        elif isinstance(event, FileMovedEvent):
+            # A rename (x.part -> x.wav) or a move into the folder brings no close event: settle rules apply.
+            self.hints.put(Hint(Path(os.fsdecode(event.dest_path))))
+        elif isinstance(event, DirMovedEvent):
+            self.hints.put(Hint(Path(os.fsdecode(event.dest_path)), rescan=True))
+        elif isinstance(event, DirCreatedEvent):
+            # Files written into a new folder before its watch was added produce no events of their own.
+            self.hints.put(Hint(Path(os.fsdecode(event.src_path)), rescan=True))
+
+
+def filesystem_type(path: Path) -> str:
+    """The type of the filesystem holding `path`, from /proc/self/mounts (longest mount point wins)."""
+    best, kind = "", ""
+    try:
+        with open("/proc/self/mounts", encoding="utf-8") as mounts:
+            for line in mounts:
+                fields = line.split()
+                if len(fields) < 3:
+                    continue
+                mount_point = fields[1].replace("\\040", " ")
+                if (str(path) == mount_point or str(path).startswith(mount_point.rstrip("/") + "/")) \
+                        and len(mount_point) > len(best):
+                    best, kind = mount_point, fields[2]
+    except OSError:
+        pass
+    return kind
+
+
+def should_poll(watch: Watch) -> bool:
+    if watch.poll is not None:
+        return watch.poll
+    kind = filesystem_type(Path(os.path.abspath(watch.path)))
+    return kind in NETWORK_FILESYSTEMS or kind.startswith("fuse")
+
+
+class Watcher:
+    """Owns one observer per kind (inotify, polling) and schedules every existing drop folder on them."""
+
+    def __init__(self, settings: Settings, hints: queue.Queue[Hint]) -> None:
+        self.settings = settings
+        self.hints = hints
+        self.handler = _Handler(hints)
+        self.observers: list[BaseObserver] = []
+        self.watched: dict[Path, bool] = {}
+
+    def start(self) -> None:
+        native: BaseObserver = Observer()
+        polling: BaseObserver = PollingObserver(timeout=self.settings.intake.poll_interval_seconds)
+        for watch in self.settings.watches:
+            path = Path(os.path.abspath(watch.path))
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                log.error("%s: drop folder cannot be created (%s); it is skipped until it exists", path, err)
+                continue
+            poll = should_poll(watch)
+            observer = polling if poll else native
+            try:
+                observer.schedule(self.handler, str(path), recursive=watch.recursive)
+            except OSError as err:
+                log.error("%s: cannot watch (%s). If this says 'inotify watch limit reached', raise it with "
+                          "`sysctl fs.inotify.max_user_watches=524288`; the folder is still scanned every %.0f s",
+                          path, err, self.settings.intake.scan_interval_seconds)
+                continue
+            self.watched[path] = poll
+            log.info("watching %s (%s%s)", path, "polling" if poll else "inotify",
+                     ", recursive" if watch.recursive else "")
+        for observer in (native, polling):
+            if observer.emitters:
+                observer.start()
+                self.observers.append(observer)
+
+    def stop(self) -> None:
+        for observer in self.observers:
+            observer.stop()
+        for observer in self.observers:
+            observer.join(timeout=5)
+        self.observers.clear()
+
+    def alive(self) -> bool:
+        return all(observer.is_alive() for observer in self.observers)

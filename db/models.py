@@ -1,0 +1,167 @@
+"""The tables. A recording's `state` is changed only by daemon.lifecycle; everything else here is plain data."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import ForeignKey, Index, MetaData, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+from db.types import UTCDateTime
+
+# Named constraints so Alembic's batch mode can recreate SQLite tables deterministically.
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Recording(Base):
+    """One recording, identified by the SHA-256 of its content once the file is complete."""
+
+    __tablename__ = "recordings"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    source_path: Mapped[str] = mapped_column(Text)
+    source_size: Mapped[int]
+    source_mtime_ns: Mapped[int]
+    sha256: Mapped[str | None] = mapped_column(String(64), unique=True)
+    watch_root: Mapped[str | None] = mapped_column(Text)
+    # Settle detection: a close-after-write event seen since the last change, and when the file last changed.
+    closed_after_write: Mapped[bool] = mapped_column(default=False)
+    last_change_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+    duration_seconds: Mapped[float | None]
+    converted_path: Mapped[str | None] = mapped_column(Text)
+    converted_bytes: Mapped[int | None]
+    converted_mime: Mapped[str | None] = mapped_column(String(64))
+    converted_format: Mapped[str | None] = mapped_column(String(16))
+    converted_sha256: Mapped[str | None] = mapped_column(String(64))
+    # Set when the API refused the default format: the recording is re-encoded to this one.
+    target_format: Mapped[str | None] = mapped_column(String(16))
+    warning: Mapped[str | None] = mapped_column(Text)
+
+    remote_name: Mapped[str | None] = mapped_column(String(64), index=True)
+    remote_uri: Mapped[str | None] = mapped_column(Text)
+    remote_bytes: Mapped[int | None]
+    remote_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Written before an upload starts, so a crash mid-upload can find (adopt or delete) what reached the server.
+    upload_display_name: Mapped[str | None] = mapped_column(String(128))
+    uploaded_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_needed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    error: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    state_changed_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+    events: Mapped[list[RecordingEvent]] = relationship(
+        back_populates="recording", order_by="RecordingEvent.id", cascade="all, delete-orphan"
+    )
+    aliases: Mapped[list[SourceAlias]] = relationship(
+        back_populates="recording", order_by="SourceAlias.id", cascade="all, delete-orphan"
+    )
+
+    __table_args__ = (Index("ix_recordings_source", "source_path", "source_size", "source_mtime_ns"),)
+
+
+class RecordingEvent(Base):
+    """One state change (or notable happening) in a recording's history; `show` lists them."""
+
+    __tablename__ = "recording_events"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    recording_id: Mapped[int] = mapped_column(ForeignKey("recordings.id", ondelete="CASCADE"), index=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime)
+    from_state: Mapped[str | None] = mapped_column(String(16))
+    to_state: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str] = mapped_column(Text, default="")
+
+    recording: Mapped[Recording] = relationship(back_populates="events")
+
+
+class SourceAlias(Base):
+    """Another file with the same content as a recording: processed once, remembered so it is not taken again."""
+
+    __tablename__ = "source_aliases"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    recording_id: Mapped[int] = mapped_column(ForeignKey("recordings.id", ondelete="CASCADE"), index=True)
+    path: Mapped[str] = mapped_column(Text)
+    size: Mapped[int]
+    mtime_ns: Mapped[int]
+    seen_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+    recording: Mapped[Recording] = relationship(back_populates="aliases")
+
+    __table_args__ = (Index("ix_source_aliases_source", "path", "size", "mtime_ns"),)
+
+
+class Prompt(Base):
+    """A queued prompt over one or more recordings, and its result."""
+
+    __tablename__ = "prompts"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    template: Mapped[str | None] = mapped_column(String(64))
+    prompt_text: Mapped[str] = mapped_column(Text)
+    system_instruction: Mapped[str | None] = mapped_column(Text)
+    model: Mapped[str] = mapped_column(String(64))
+    output_format: Mapped[str] = mapped_column(String(16), default="markdown")
+    span_start_seconds: Mapped[float | None]
+    span_end_seconds: Mapped[float | None]
+    delivery: Mapped[str | None] = mapped_column(String(16))
+    result_text: Mapped[str | None] = mapped_column(Text)
+    result_path: Mapped[str | None] = mapped_column(Text)
+    finish_reason: Mapped[str | None] = mapped_column(String(32))
+    prompt_tokens: Mapped[int | None]
+    audio_tokens: Mapped[int | None]
+    output_tokens: Mapped[int | None]
+    estimated_audio_tokens: Mapped[int | None]
+    error: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    claimed_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    recordings: Mapped[list[PromptRecording]] = relationship(
+        order_by="PromptRecording.position", cascade="all, delete-orphan"
+    )
+
+
+class PromptRecording(Base):
+    """Which recordings a prompt covers, in order."""
+
+    __tablename__ = "prompt_recordings"
+
+    prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id", ondelete="CASCADE"), primary_key=True)
+    recording_id: Mapped[int] = mapped_column(ForeignKey("recordings.id", ondelete="CASCADE"), primary_key=True)
+    position: Mapped[int] = mapped_column(default=0)
+
+
+class DaemonState(Base):
+    """A single row the daemon keeps fresh, so the CLI can tell whether it runs and what it waits for."""
+
+    __tablename__ = "daemon_state"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    pid: Mapped[int | None]
+    hostname: Mapped[str | None] = mapped_column(String(255))
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    stopped_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    waiting_for: Mapped[str | None] = mapped_column(Text)
+    offline_since: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    remote_used_bytes: Mapped[int | None]
