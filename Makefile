@@ -1,0 +1,43 @@
+# The two commands of the README: `make run` and `make test`. Both set up everything they need first:
+# Debian's ffmpeg (and espeak-ng for test speech) through apt, then the virtual environment .venv/.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+SYSTEM_PACKAGES := ffmpeg espeak-ng
+PYTEST_ARGS ?=
+
+.PHONY: run test setup system-deps bench clean
+
+run: setup
+	$(VENV)/bin/audiodrop run $(if $(AUDIODROP_CONFIG),--config "$(AUDIODROP_CONFIG)")
+
+test: setup
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+setup: system-deps $(STAMP)
+
+# Debian's ffmpeg: ffmpeg and ffprobe, security updates from the distribution, nothing downloaded at run time
+# (see the README for why not a pip wheel).
+system-deps:
+	@missing=""; for tool in ffmpeg ffprobe espeak-ng; do command -v $$tool >/dev/null || missing=1; done; \
+	$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || missing=1; \
+	if [ -n "$$missing" ]; then \
+		echo "installing $(SYSTEM_PACKAGES) with apt-get"; \
+		$(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends \
+			$(SYSTEM_PACKAGES) python3-venv >/dev/null; \
+	fi
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[test]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+bench: setup
+	$(VENV)/bin/python -m bench.run_all
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,59 @@
+"""Shared fixtures: a config file written to a temporary folder, and a real migrated SQLite database."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import tomli_w
+from sqlalchemy.orm import Session, sessionmaker
+
+from daemon.config import Settings, load_settings
+from db.session import make_engine, make_sessionmaker, upgrade_to_head
+
+T0 = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
+
+
+def write_config(folder: Path, **overrides: Any) -> Path:
+    """A complete config for tests: one drop folder, state in the temp folder, fast intake timings."""
+    data: dict[str, Any] = {
+        "state_dir": str(folder / "state"),
+        "results_dir": str(folder / "results"),
+        "watch": [{"path": str(folder / "inbox")}],
+        "intake": {"close_quiet_seconds": 0.3, "settle_seconds": 1.0, "scan_interval_seconds": 2.0,
+                   "poll_interval_seconds": 0.5},
+        "gemini": {"processing_poll_seconds": 0.2},
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    path = folder / "config.toml"
+    path.write_text(tomli_w.dumps(data), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path) -> Callable[..., Settings]:
+    def make(**overrides: Any) -> Settings:
+        return load_settings(write_config(tmp_path, **overrides))
+
+    return make
+
+
+@pytest.fixture
+def settings(make_settings: Callable[..., Settings]) -> Settings:
+    return make_settings()
+
+
+@pytest.fixture
+def sessions(settings: Settings) -> Iterator[sessionmaker[Session]]:
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    upgrade_to_head(settings.database_path)
+    engine = make_engine(settings.database_path)
+    yield make_sessionmaker(engine)
+    engine.dispose()

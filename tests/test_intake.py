@@ -1,0 +1,126 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from daemon import intake
+from daemon.config import IntakeSettings, Settings
+from db.models import Recording
+from tests.conftest import T0
+
+
+@pytest.mark.parametrize("name", [".hidden.wav", "talk.wav.part", "talk.wav.crdownload", "~$talk.wav",
+                                  ".syncthing.talk.wav.tmp", "talk.tmp", ".talk.partial-ab12.ogg"])
+def test_partial_and_hidden_names_are_ignored(name: str) -> None:
+    assert intake.is_ignored_name(name)
+
+
+@pytest.mark.parametrize("name", ["talk.wav", "Interview 2026-11-25.m4a", "-dash.mp3", "ünïcödé 日本語.flac"])
+def test_ordinary_names_are_taken(name: str) -> None:
+    assert not intake.is_ignored_name(name)
+
+
+def test_settle_needs_quiet_after_close_or_a_longer_quiet_without() -> None:
+    rules = IntakeSettings(close_quiet_seconds=1.0, settle_seconds=5.0)
+    after = lambda seconds: T0 + timedelta(seconds=seconds)  # noqa: E731
+    assert not intake.is_settled(closed_after_write=True, last_change_at=T0, now=after(0.5), intake=rules)
+    assert intake.is_settled(closed_after_write=True, last_change_at=T0, now=after(1.0), intake=rules)
+    assert not intake.is_settled(closed_after_write=False, last_change_at=T0, now=after(4.9), intake=rules)
+    assert intake.is_settled(closed_after_write=False, last_change_at=T0, now=after(5.0), intake=rules)
+
+
+def test_filters_include_exclude_and_own_output(tmp_path: Path, make_settings: Callable[..., Settings]) -> None:
+    inbox = tmp_path / "inbox"
+    settings = make_settings(watch=[{"path": str(inbox), "exclude": ["*.txt", "private/*"]}],
+                             state_dir=str(inbox / "state"), results_dir=str(inbox / "results"))
+    for relative in ("a.wav", "notes.txt", "private/b.wav", "sub/c.mp3", "state/converted/x.ogg",
+                     "results/x.md", ".git/d.wav"):
+        (inbox / relative).parent.mkdir(parents=True, exist_ok=True)
+        (inbox / relative).write_bytes(b"data")
+    found = sorted(str(c.path.relative_to(inbox)) for c in intake.scan(settings))
+    assert found == ["a.wav", "sub/c.mp3"]
+
+
+def test_non_recursive_watch_ignores_subfolders(tmp_path: Path, make_settings: Callable[..., Settings]) -> None:
+    inbox = tmp_path / "inbox"
+    settings = make_settings(watch=[{"path": str(inbox), "recursive": False}])
+    (inbox / "sub").mkdir(parents=True)
+    (inbox / "top.wav").write_bytes(b"1")
+    (inbox / "sub" / "deep.wav").write_bytes(b"2")
+    assert [c.path.name for c in intake.scan(settings)] == ["top.wav"]
+
+
+def test_symlink_out_of_the_folder_is_not_followed(tmp_path: Path, settings: Settings) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    secret = tmp_path / "secret.wav"
+    secret.write_bytes(b"secret")
+    (inbox / "escape.wav").symlink_to(secret)
+    (inbox / "real.wav").write_bytes(b"ok")
+    (inbox / "inside.wav").symlink_to(inbox / "real.wav")
+    assert sorted(c.path.name for c in intake.scan(settings)) == ["inside.wav", "real.wav"]
+
+
+def test_fifo_and_devices_are_not_candidates(tmp_path: Path, settings: Settings) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    os.mkfifo(inbox / "pipe.wav")
+    assert intake.scan(settings) == []
+
+
+def test_observe_tracks_growth_and_close(tmp_path: Path, settings: Settings, sessions: sessionmaker[Session]) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    path = inbox / "growing.wav"
+    path.write_bytes(b"a" * 10)
+    with sessions() as session:
+        intake.observe(session, intake.candidate(path, settings), closed=False, now=T0)
+        with open(path, "ab") as stream:
+            stream.write(b"b" * 10)
+        later = T0 + timedelta(seconds=3)
+        intake.observe(session, intake.candidate(path, settings), closed=True, now=later)
+        session.commit()
+        rows = session.scalars(select(Recording)).all()
+        assert len(rows) == 1
+        assert (rows[0].source_size, rows[0].closed_after_write, rows[0].last_change_at) == (20, True, later)
+
+
+def test_known_file_is_not_taken_again_but_a_reused_name_is(tmp_path: Path, settings: Settings,
+                                                            sessions: sessionmaker[Session]) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    path = inbox / "Recording.m4a"
+    path.write_bytes(b"first")
+    with sessions() as session:
+        intake.observe(session, intake.candidate(path, settings), closed=True, now=T0)
+        session.execute(Recording.__table__.update().values(state="active"))
+        intake.observe(session, intake.candidate(path, settings), closed=False, now=T0)
+        assert len(session.scalars(select(Recording)).all()) == 1
+        time.sleep(0.01)
+        path.write_bytes(b"a new recording, same name")
+        intake.observe(session, intake.candidate(path, settings), closed=True, now=T0)
+        assert len(session.scalars(select(Recording)).all()) == 2
+
+
+def test_open_for_writing_sees_a_writer_holding_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "held.wav"
+    path.write_bytes(b"")
+    writer = subprocess.Popen([sys.executable, "-c", f"f = open({str(path)!r}, 'ab'); import time; time.sleep(30)"])
+    try:
+        deadline = time.monotonic() + 10
+        while not intake.open_for_writing(path) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert intake.open_for_writing(path)
+    finally:
+        writer.kill()
+        writer.wait()
+    assert not intake.open_for_writing(path)
