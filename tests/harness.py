@@ -1,0 +1,115 @@
+"""End-to-end helpers: the daemon as a real subprocess with a temporary config, and the CLI as subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import write_config
+
+ROOT = Path(__file__).resolve().parent.parent
+API_KEY = "test-key-7f3a9c2e51b8d4"
+
+
+def wait_until(condition: Callable[[], Any], timeout: float = 60.0, interval: float = 0.2,
+               message: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {message}")
+        time.sleep(interval)
+
+
+class DaemonProcess:
+    """`audiodrop run` in a subprocess, its log in a file next to the config."""
+
+    def __init__(self, folder: Path, *, base_url: str | None, api_key: str | None = API_KEY, **config: Any) -> None:
+        self.folder = folder
+        gemini = dict(config.pop("gemini", {}))
+        if base_url:
+            gemini["base_url"] = base_url
+        self.config_path = write_config(folder, gemini=gemini, **config)
+        self.inbox = folder / "inbox"
+        self.inbox.mkdir(parents=True, exist_ok=True)
+        self.log_path = folder / "daemon.log"
+        self.env = {k: v for k, v in os.environ.items() if k not in ("GEMINI_API_KEY", "GOOGLE_API_KEY")}
+        if api_key:
+            self.env["GEMINI_API_KEY"] = api_key
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> DaemonProcess:
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen([sys.executable, "-m", "daemon", "run", "--config", str(self.config_path)],
+                                        cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        wait_until(lambda: self.cli("status", "--json")["daemon"]["running"] or self.exited(), 30,
+                   message="the daemon to start")
+        assert not self.exited(), self.log()
+        return self
+
+    def exited(self) -> bool:
+        return self.process is not None and self.process.poll() is not None
+
+    def stop(self, timeout: float = 20) -> int:
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=timeout)
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def cli(self, *args: str, check: bool = True) -> Any:
+        result = run_cli(self.config_path, *args, env=self.env)
+        if check and result.returncode != 0:
+            raise AssertionError(f"audiodrop {' '.join(args)} exited {result.returncode}: {result.stderr}")
+        return json.loads(result.stdout) if "--json" in args else result
+
+    def files(self) -> list[dict[str, Any]]:
+        return self.cli("files", "--json")
+
+    def wait_for_states(self, expected: dict[str, int] | Callable[[list[dict[str, Any]]], bool],
+                        timeout: float = 90) -> list[dict[str, Any]]:
+        def reached() -> list[dict[str, Any]] | None:
+            assert not self.exited(), "daemon exited:\n" + self.log()[-4000:]
+            items = self.files()
+            if callable(expected):
+                return items if expected(items) else None
+            counts: dict[str, int] = {}
+            for item in items:
+                counts[item["state"]] = counts.get(item["state"], 0) + 1
+            return items if counts == expected else None
+
+        try:
+            return wait_until(reached, timeout, 0.3, message=f"states {expected}")
+        except AssertionError:
+            summary = [(i["id"], Path(i["source_path"]).name, i["state"], i["error"]) for i in self.files()]
+            raise AssertionError(f"states never reached {expected}: {summary}\n--- log tail ---\n"
+                                 f"{self.log()[-6000:]}") from None
+
+
+def run_cli(config_path: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "daemon", *args, "--config", str(config_path)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=60)
+
+
+def count_states(items: list[dict[str, Any]]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for item in items:
+        counts[item["state"]] = counts.get(item["state"], 0) + 1
+    return counts
