@@ -18,5 +18,7 @@ def setup(level: str = "INFO") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     # The SDK's HTTP stack logs every request at INFO; keep the journal about recordings.
-    for noisy in ("httpx2", "httpx", "google_genai", "apscheduler", "watchdog", "alembic"):
+    for noisy in ("httpx2", "httpx", "google_genai", "watchdog", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # "Skipped: maximum number of running instances reached" is normal when a job is woken early.
+    logging.getLogger("apscheduler").setLevel(logging.ERROR)

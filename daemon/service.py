@@ -20,7 +20,7 @@ from typing import IO
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import select
 
-from daemon import conversion, intake, lifecycle, systemd, uploader
+from daemon import conversion, intake, lifecycle, systemd, transcode, uploader
 from daemon.config import Settings, find_api_key
 from daemon.context import Context
 from daemon.errors import DaemonError
@@ -165,6 +165,8 @@ class Daemon:
                                   closed_after_write=True)
         if stale:
             log.info("resuming %d conversion(s) interrupted by the last stop", len(stale))
+        for leftover in transcode.remove_stale_partials(self.settings.converted_dir):
+            log.info("removed %s, the unfinished output of an interrupted conversion", leftover.name)
 
     # -- jobs ----------------------------------------------------------------------------------------
 

@@ -32,6 +32,7 @@ def write_config(folder: Path, **overrides: Any) -> Path:
             data[key] = {**data[key], **value}
         else:
             data[key] = value
+    folder.mkdir(parents=True, exist_ok=True)
     path = folder / "config.toml"
     path.write_text(tomli_w.dumps(data), encoding="utf-8")
     return path

@@ -1,0 +1,551 @@
+"""The Gemini API emulator, driven by the real google-genai SDK over loopback HTTP."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from datetime import timedelta
+from pathlib import Path
+
+import httpx2
+import pytest
+from google import genai
+from google.genai import errors, types
+
+from tests.emulator import Emulator, Fault
+
+MiB = 1024 * 1024
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---- fixtures ------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def wav(tmp_path_factory) -> Path:
+    """3 s of 440 Hz, mono 16 kHz PCM WAV (96,078 bytes)."""
+    path = tmp_path_factory.mktemp("audio") / "tone.wav"
+    subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-f", "lavfi", "-i",
+                    "sine=frequency=440:duration=3", "-ac", "1", "-ar", "16000", str(path)], check=True)
+    return path
+
+
+def make_emu(**kw) -> Emulator:
+    kw.setdefault("processing_polls", 0)
+    return Emulator(api_key="test-key", **kw)
+
+
+@pytest.fixture
+def emu():
+    e = make_emu()
+    e.start()
+    yield e
+    e.stop()
+    assert e.internal_errors == []
+
+
+def sdk(emu: Emulator, key: str = "test-key", **http) -> genai.Client:
+    return genai.Client(api_key=key, http_options=types.HttpOptions(base_url=emu.base_url, **http))
+
+
+@pytest.fixture
+def client(emu):
+    with sdk(emu) as c:
+        yield c
+
+
+def raw_get(emu: Emulator, path: str) -> dict:
+    req = urllib.request.Request(emu.base_url + path, headers={"x-goog-api-key": "test-key"})
+    with urllib.request.urlopen(req, timeout=5) as r:
+        return json.loads(r.read())
+
+
+def control(emu: Emulator, path: str, body: dict | None = None, method: str = "POST") -> dict:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(emu.base_url + "/_emulator/" + path, data=data, method=method)
+    with urllib.request.urlopen(req, timeout=5) as r:
+        return json.loads(r.read())
+
+
+def upload_bytes(client: genai.Client, data: bytes, mime: str = "audio/wav", **cfg) -> types.File:
+    return client.files.upload(file=io.BytesIO(data), config=dict(mime_type=mime, **cfg))
+
+
+def error_detail(e: errors.APIError, type_suffix: str) -> dict:
+    return next(d for d in e.details["error"]["details"] if d["@type"].endswith(type_suffix))
+
+
+# ---- uploads -------------------------------------------------------------------------------------
+def test_path_upload_returns_active_file_with_real_hash_and_48h_expiry(emu, client, wav):
+    f = client.files.upload(file=str(wav), config={"display_name": "Tone"})
+    data = wav.read_bytes()
+    assert re.fullmatch(r"files/[a-z0-9]{12}", f.name)
+    assert (f.display_name, f.mime_type, f.size_bytes) == ("Tone", "audio/x-wav", len(data))
+    assert f.state == types.FileState.ACTIVE
+    assert base64.b64decode(f.sha256_hash).decode() == hashlib.sha256(data).hexdigest()
+    assert f.expiration_time - f.create_time == timedelta(hours=48)
+    assert f.uri == f"https://generativelanguage.googleapis.com/v1/files/{f.name[6:]}"
+    (stored,) = emu.files
+    assert stored.name == f.name and stored.path.read_bytes() == data
+    assert stored.sha256_hex == hashlib.sha256(data).hexdigest()
+    start = emu.stats.requests[0]
+    assert (start.method, start.path, start.status) == ("POST", "/upload/v1/files", 200)
+
+
+def test_file_json_on_the_wire_matches_the_real_format(emu, client, wav):
+    with open(wav, "rb") as fh:               # open-file upload: no display name, explicit MIME
+        f = client.files.upload(file=fh, config={"mime_type": "audio/wav"})
+    raw = raw_get(emu, "/v1/files/" + f.name[6:])
+    assert "displayName" not in raw
+    assert raw["sizeBytes"] == str(wav.stat().st_size) and raw["mimeType"] == "audio/wav"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", raw["createTime"])
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z", raw["expirationTime"])
+    assert len(raw["sha256Hash"]) == 88 and raw["source"] == "UPLOADED" and raw["state"] == "ACTIVE"
+    assert emu.files[0].path.read_bytes() == wav.read_bytes()
+
+
+def test_20_mib_upload_goes_in_three_chunks_and_is_hashed(emu, client, tmp_path):
+    big = tmp_path / "big.bin"
+    data = os.urandom(20 * MiB)
+    big.write_bytes(data)
+    f = client.files.upload(file=big, config={"mime_type": "audio/flac"})
+    chunks = [(c.offset, c.length, c.command) for c in emu.upload_chunks]
+    assert chunks == [(0, 8 * MiB, "upload"), (8 * MiB, 8 * MiB, "upload"),
+                      (16 * MiB, 4 * MiB, "upload, finalize")]
+    assert f.size_bytes == 20 * MiB
+    assert emu.files[0].sha256_hex == hashlib.sha256(data).hexdigest()
+    assert emu.stats.used_bytes == 20 * MiB
+
+
+def test_zero_byte_upload(emu, client):
+    f = upload_bytes(client, b"", "text/plain")
+    assert f.size_bytes == 0 and f.state == types.FileState.ACTIVE
+    assert [(c.offset, c.length, c.command) for c in emu.upload_chunks] == [(0, 0, "upload, finalize")]
+    assert emu.files[0].sha256_hex == hashlib.sha256(b"").hexdigest()
+
+
+def test_custom_name_and_duplicate_name(emu, client):
+    f = upload_bytes(client, b"abc", "text/plain", name="my-id-1")
+    assert f.name == "files/my-id-1"
+    with pytest.raises(errors.ClientError) as ei:
+        upload_bytes(client, b"abc", "text/plain", name="my-id-1")
+    assert (ei.value.code, ei.value.status) == (409, "ALREADY_EXISTS")
+
+
+def test_list_pages_and_delete(emu, client):
+    assert raw_get(emu, "/v1/files") == {}                       # empty project: no "files" key
+    names = [upload_bytes(client, bytes([i]) * 10, "text/plain").name for i in range(5)]
+    listed = [f.name for f in client.files.list(config={"page_size": 2})]
+    assert sorted(listed) == sorted(names) and len(listed) == 5
+    list_calls = [r.path for r in emu.stats.requests if r.path.startswith("/v1/files?")]
+    assert len(list_calls) == 3 and "pageToken=" in list_calls[1] and "pageToken=" in list_calls[2]
+    assert "nextPageToken" not in raw_get(emu, "/v1/files?pageSize=5")
+    client.files.delete(name=names[0])
+    assert emu.stats.deletes == 1
+    assert names[0] not in [f.name for f in client.files.list()]
+    deleted = emu.file(names[0])
+    assert deleted.deleted_at is not None and deleted.delete_reason == "deleted"
+    with pytest.raises(errors.ClientError) as ei:
+        client.files.delete(name=names[0])
+    assert (ei.value.code, ei.value.status) == (403, "PERMISSION_DENIED")
+
+
+def test_processing_then_active_and_failed_precondition(client, emu, wav):
+    emu.processing_polls = 2
+    f = client.files.upload(file=wav)
+    assert f.state == types.FileState.PROCESSING           # the finalize answer itself
+    with pytest.raises(errors.ClientError) as ei:
+        client.models.generate_content(model="gemini-2.5-flash", contents=[f, "Transcribe"])
+    assert (ei.value.code, ei.value.status) == (400, "FAILED_PRECONDITION")
+    assert ei.value.message == f"The File {f.name[6:]} is not in an ACTIVE state and usage is not allowed."
+    states = [client.files.get(name=f.name).state for _ in range(3)]
+    assert states == [types.FileState.PROCESSING, types.FileState.PROCESSING, types.FileState.ACTIVE]
+    r = client.models.generate_content(model="gemini-2.5-flash", contents=[f, "Transcribe"])
+    assert f.name in r.text
+
+
+def test_failed_processing_reports_error(client, emu):
+    emu.processing_polls = 1
+    emu.fail_processing = lambda sf: "Audio codec not supported." if sf.display_name == "bad" else None
+    bad = upload_bytes(client, b"x" * 100, display_name="bad")
+    good = upload_bytes(client, b"y" * 100, display_name="good")
+    for _ in range(2):
+        bad, good = client.files.get(name=bad.name), client.files.get(name=good.name)
+    assert bad.state == types.FileState.FAILED and bad.error.message == "Audio codec not supported."
+    assert good.state == types.FileState.ACTIVE and good.error is None
+
+
+def test_expiry_on_clock_advance(client, emu, wav):
+    f = client.files.upload(file=wav)
+    emu.clock.advance(48 * 3600 - 60)
+    assert client.files.get(name=f.name).state == types.FileState.ACTIVE
+    emu.clock.advance(61)
+    for call in (lambda: client.files.get(name=f.name), lambda: client.files.delete(name=f.name),
+                 lambda: client.models.generate_content(model="gemini-2.5-flash", contents=[f, "hi"])):
+        with pytest.raises(errors.ClientError) as ei:
+            call()
+        assert (ei.value.code, ei.value.status) == (403, "PERMISSION_DENIED")
+        assert "or it may not exist" in ei.value.message
+    assert list(client.files.list()) == [] and emu.files == [] and emu.stats.used_bytes == 0
+    (gone,) = emu.all_files
+    assert gone.delete_reason == "expired" and gone.deleted_at == gone.expiration_time
+
+
+# ---- quota, limits, auth -------------------------------------------------------------------------
+def test_storage_quota_429_and_high_water(wav):
+    size = wav.stat().st_size
+    with make_emu(storage_limit_bytes=size + 1000) as emu, sdk(emu) as client:
+        first = client.files.upload(file=wav)
+        small = upload_bytes(client, b"z" * 1000)
+        with pytest.raises(errors.ClientError) as ei:
+            client.files.upload(file=wav)
+        e = ei.value
+        assert (e.code, e.status) == (429, "RESOURCE_EXHAUSTED")
+        assert e.message.endswith("* Quota exceeded for metric: generativelanguage.googleapis.com/"
+                                  f"file_storage_bytes, limit: {size + 1000}")
+        violation = error_detail(e, "QuotaFailure")["violations"][0]
+        assert violation["quotaId"] == "FileStorageBytesPerProject"
+        assert violation["quotaValue"] == str(size + 1000)
+        assert error_detail(e, "RetryInfo")["retryDelay"] == "9223372036854775807s"
+        assert len(emu.upload_chunks) == 2                       # refused at start: no bytes sent
+        client.files.delete(name=first.name)
+        assert emu.stats.used_bytes == 1000 and emu.stats.high_water_bytes == size + 1000
+        client.files.upload(file=wav)                            # room again
+        assert [f.name for f in emu.files][0] == small.name
+        assert emu.internal_errors == []
+
+
+def test_per_file_limit_400():
+    with make_emu(max_file_bytes=1000) as emu, sdk(emu) as client:
+        upload_bytes(client, b"a" * 1000)
+        with pytest.raises(errors.ClientError) as ei:
+            upload_bytes(client, b"a" * 1001)
+        assert (ei.value.code, ei.value.status) == (400, "INVALID_ARGUMENT")
+        assert ei.value.response.headers["x-goog-upload-status"] == "final"
+        assert emu.stats.uploads_started == 1
+
+
+def test_wrong_api_key(emu):
+    with sdk(emu, key="wrong-key") as bad:
+        with pytest.raises(errors.ClientError) as ei:
+            list(bad.files.list())
+    e = ei.value
+    assert (e.code, e.status, e.message) == (400, "INVALID_ARGUMENT", "API key not valid. Please pass a valid API key.")
+    assert error_detail(e, "ErrorInfo")["reason"] == "API_KEY_INVALID"
+
+
+def test_any_key_mode_and_v1beta(wav):
+    with Emulator(api_key=None, processing_polls=0) as emu, \
+            sdk(emu, key="whatever", api_version="v1beta") as client:
+        f = client.files.upload(file=wav)
+        assert f.uri.endswith("/v1beta/files/" + f.name[6:])
+        r = client.models.generate_content(model="gemini-2.5-flash", contents=[f, "go"])
+        assert r.usage_metadata.prompt_token_count == 96 + 1
+        assert {p for _, p, _ in emu.stats.requests if p.startswith("/v1beta/")}
+
+
+# ---- generateContent / countTokens / stream ------------------------------------------------------
+def test_generate_with_file_and_inline_audio(client, emu, wav):
+    f = client.files.upload(file=wav)
+    data = wav.read_bytes()
+    r = client.models.generate_content(
+        model="gemini-2.5-flash",
+        contents=[f, types.Part.from_bytes(data=data, mime_type="audio/wav"), "Transcribe this"],
+        config=types.GenerateContentConfig(system_instruction="be terse", temperature=0.0))
+    by = {d.modality: d.token_count for d in r.usage_metadata.prompt_tokens_details}
+    assert by == {types.MediaModality.AUDIO: 2 * 96, types.MediaModality.TEXT: 4 + 2}
+    assert r.usage_metadata.total_token_count == r.usage_metadata.prompt_token_count + r.usage_metadata.candidates_token_count
+    assert r.candidates[0].finish_reason == types.FinishReason.STOP
+    assert r.text.splitlines() == [f"[00:00] Speaker 1: segment 1 of {f.name}",
+                                   "[00:00] Speaker 1: segment 1 of inline audio 2"]
+    rec = emu.generate_requests[-1]
+    assert rec.file_names == [f.name] and rec.audio_seconds == 6.0
+    assert rec.parts[1].data == data                               # URL-safe base64 decoded right
+    assert rec.system_instruction == "be terse" and rec.generation_config["temperature"] == 0.0
+    assert rec.response_text == r.text
+
+
+def test_long_audio_transcript_uses_hours(client, emu, tmp_path):
+    long_wav = tmp_path / "long.wav"                    # 1 h 0 min 30.5 s of silence, 3.6 MB
+    subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-f", "lavfi", "-i",
+                    "anullsrc=r=1000:cl=mono", "-t", "3630.5", "-c:a", "pcm_u8", str(long_wav)], check=True)
+    f = client.files.upload(file=long_wav)
+    r = client.models.generate_content(model="gemini-2.5-flash", contents=[f, "Transcribe"])
+    lines = r.text.splitlines()
+    assert len(lines) == 122 and lines[1] == f"[00:30] Speaker 2: segment 2 of {f.name}"
+    assert lines[-1] == f"[01:00:30] Speaker 2: segment 122 of {f.name}"
+    audio = [d.token_count for d in r.usage_metadata.prompt_tokens_details if d.modality == types.MediaModality.AUDIO]
+    assert audio == [116176]                            # ceil(3630.5 * 32)
+
+
+def test_unsupported_mime_and_configurable_set(wav):
+    types_no_ogg = {"audio/wav", "audio/x-wav", "text/plain"}
+    with make_emu(supported_mime_types=types_no_ogg) as emu, sdk(emu) as client:
+        f = client.files.upload(file=wav, config={"mime_type": "audio/ogg"})   # upload accepts any type
+        with pytest.raises(errors.ClientError) as ei:
+            client.models.generate_content(model="gemini-2.5-flash", contents=[f, "x"])
+        assert (ei.value.code, ei.value.status, ei.value.message) == (
+            400, "INVALID_ARGUMENT", "Unsupported MIME type: audio/ogg")
+        with pytest.raises(errors.ClientError, match="Unsupported MIME type: application/octet-stream"):
+            client.models.generate_content(model="gemini-2.5-flash", contents=[
+                types.Part.from_bytes(data=b"\0" * 10, mime_type="application/octet-stream")])
+        assert emu.generate_requests == [] and emu.stats.generate_calls == 2
+
+
+def test_max_tokens_truncation(client, emu):
+    emu.responder = lambda rec: "word " * 100
+    r = client.models.generate_content(model="gemini-2.5-flash", contents="hello",
+                                       config={"max_output_tokens": 10})
+    assert r.text == ("word " * 100)[:40]
+    assert r.candidates[0].finish_reason == types.FinishReason.MAX_TOKENS
+    assert r.usage_metadata.candidates_token_count == 10
+    emu.responder = lambda rec: None                                    # None -> default text
+    r = client.models.generate_content(model="gemini-2.5-flash", contents="hello")
+    assert r.text == "Emulated reply to: hello"
+
+
+def test_count_tokens(client, emu, wav):
+    f = client.files.upload(file=wav)
+    r = client.models.count_tokens(model="gemini-2.5-flash", contents=[f, "Transcribe"])
+    assert r.total_tokens == 96 + 3
+    assert emu.stats.count_tokens_calls == 1 and emu.generate_requests == []
+
+
+def test_streaming(client, emu, wav):
+    f = client.files.upload(file=wav)
+    chunks = list(client.models.generate_content_stream(model="gemini-2.5-flash",
+                                                        contents=[f, f, f, "Transcribe"]))
+    assert len(chunks) == 3
+    assert "".join(c.text for c in chunks) == emu.generate_requests[-1].response_text
+    assert [c.candidates[0].finish_reason for c in chunks] == [None, None, types.FinishReason.STOP]
+    assert chunks[-1].usage_metadata.candidates_token_count > 0
+    assert emu.stats.requests[-1].path.endswith(":streamGenerateContent?alt=sse")
+
+
+def test_audio_duration_and_inline_size_limits(wav):
+    with make_emu(max_audio_seconds=5, inline_limit_bytes=100_000) as emu, sdk(emu) as client:
+        f = client.files.upload(file=wav)
+        client.models.generate_content(model="gemini-2.5-flash", contents=[f, "ok"])     # 3 s
+        with pytest.raises(errors.ClientError, match="maximum of 5 seconds") as ei:
+            client.models.generate_content(model="gemini-2.5-flash", contents=[f, f, "too long"])
+        assert ei.value.status == "INVALID_ARGUMENT"
+        part = types.Part.from_bytes(data=wav.read_bytes(), mime_type="audio/wav")   # 128 KB as base64
+        with pytest.raises(errors.ClientError, match="Request payload size exceeds the limit: 100000 bytes"):
+            client.models.generate_content(model="gemini-2.5-flash", contents=[part, "x"])
+        assert emu.internal_errors == []
+
+
+def test_async_client_round_trip(emu, wav):
+    import asyncio
+
+    async def run(client: genai.Client) -> tuple[types.File, str, list[str]]:
+        f = await client.aio.files.upload(file=wav)
+        stream = await client.aio.models.generate_content_stream(model="gemini-2.5-flash", contents=[f, "x"])
+        text = "".join([c.text async for c in stream])
+        names = [x.name async for x in await client.aio.files.list(config={"page_size": 1})]
+        await client.aio.aclose()
+        return f, text, names
+
+    with sdk(emu) as client:
+        f, text, names = asyncio.run(run(client))
+    assert text == f"[00:00] Speaker 1: segment 1 of {f.name}" and names == [f.name]
+    assert emu.files[0].path.read_bytes() == wav.read_bytes()
+
+
+# ---- faults --------------------------------------------------------------------------------------
+def test_fault_503_on_upload_start_then_recovers(emu, client, wav):
+    emu.add_fault(Fault(route="upload_start", kind="status", status=503, times=1))
+    with pytest.raises(errors.ServerError) as ei:
+        client.files.upload(file=wav)
+    assert (ei.value.code, ei.value.status) == (503, "UNAVAILABLE")
+    assert ei.value.response.headers["x-goog-upload-status"] == "final"
+    assert client.files.upload(file=wav).state == types.FileState.ACTIVE
+    assert emu.stats.faults_injected == 1 and emu.stats.uploads_completed == 1
+
+
+def test_fault_429_rate_limit_and_sdk_retry(emu, client):
+    emu.add_fault(Fault(route="generate", status=429, times=2, retry_delay="7s"))
+    with pytest.raises(errors.ClientError) as ei:
+        client.models.generate_content(model="gemini-2.5-flash", contents="hi")
+    assert (ei.value.code, ei.value.status) == (429, "RESOURCE_EXHAUSTED")
+    assert error_detail(ei.value, "RetryInfo")["retryDelay"] == "7s"
+    assert error_detail(ei.value, "QuotaFailure")["violations"][0]["quotaDimensions"]["model"] == "gemini-2.5-flash"
+    retry = types.HttpOptions(retry_options=types.HttpRetryOptions(attempts=3, initial_delay=0.01, jitter=0))
+    r = client.models.generate_content(model="gemini-2.5-flash", contents="hi",
+                                       config={"http_options": retry})
+    assert r.text == "Emulated reply to: hi"
+    statuses = [s for _, p, s in emu.stats.requests if p.endswith(":generateContent")]
+    assert statuses == [429, 429, 200]
+
+
+def test_fault_500_on_second_chunk_stops_the_upload(emu, client):
+    emu.add_fault(Fault(route="upload_chunk", status=500, skip=1, times=1))
+    with pytest.raises(errors.ServerError) as ei:
+        upload_bytes(client, b"\1" * (9 * MiB))
+    assert (ei.value.code, ei.value.status) == (500, "INTERNAL")
+    chunk_statuses = [s for m, p, s in emu.stats.requests if "upload_id=" in p]
+    assert chunk_statuses == [200, 500]                 # "final" on the error: the SDK stops at once
+    assert emu.files == [] and emu.stats.uploads_completed == 0
+
+
+def test_fault_drop_on_upload_chunk_is_a_transport_error(emu, client):
+    emu.add_fault(Fault(route="upload_chunk", kind="drop", times=1))
+    with pytest.raises(httpx2.TransportError):
+        upload_bytes(client, b"\2" * (2 * MiB))
+    assert [s for m, p, s in emu.stats.requests if "upload_id=" in p] == [None]
+    assert upload_bytes(client, b"\2" * (2 * MiB)).size_bytes == 2 * MiB     # client recovers
+
+
+def test_fault_drop_on_files_list_is_not_retried_by_the_sdk(emu, client):
+    emu.add_fault(Fault(route="files_list", kind="drop", times=1))
+    retry = types.HttpOptions(retry_options=types.HttpRetryOptions(attempts=3, initial_delay=0.01))
+    with pytest.raises(httpx2.RemoteProtocolError):            # only Connect/Timeout errors are retried
+        list(client.files.list(config={"http_options": retry}))
+    assert [s for m, p, s in emu.stats.requests] == [None]
+    assert list(client.files.list()) == []
+
+
+def test_fault_non_json_502(emu, client):
+    emu.add_fault(Fault(route="files_get", kind="non_json_502"))
+    with pytest.raises(errors.ServerError) as ei:
+        client.files.get(name="files/abc")
+    assert (ei.value.code, ei.value.status) == (502, "Bad Gateway")
+    assert "That\u2019s an error." in ei.value.message
+
+
+def test_fault_slow_hits_the_sdk_timeout(emu):
+    emu.add_fault(Fault(route="files_get", kind="slow", delay=3.0))
+    with sdk(emu, timeout=500) as client:
+        t0 = time.monotonic()
+        with pytest.raises(httpx2.TimeoutException):
+            client.files.get(name="files/abc")
+        assert time.monotonic() - t0 < 2.0
+    t0 = time.monotonic()
+    emu.stop()                                          # wakes the sleeping handler at once
+    assert time.monotonic() - t0 < 1.0
+
+
+def test_fault_no_upload_status_costs_one_second_then_succeeds(emu, client):
+    emu.add_fault(Fault(route="upload_chunk", kind="no_upload_status", times=1))
+    t0 = time.monotonic()
+    f = upload_bytes(client, b"abc")
+    assert 0.9 < time.monotonic() - t0 < 3
+    assert f.size_bytes == 3
+    assert [s for m, p, s in emu.stats.requests if "upload_id=" in p] == [503, 200]
+
+
+def test_fault_probability_is_reproducible_with_a_seed(emu, client):
+    def pattern() -> list[bool]:
+        emu.clear_faults()
+        emu.add_fault(Fault(route="files_list", probability=0.5, seed=42))
+        out = []
+        for _ in range(16):
+            try:
+                list(client.files.list())
+                out.append(True)
+            except errors.ServerError:
+                out.append(False)
+        return out
+    first = pattern()
+    assert first == pattern() and True in first and False in first
+
+
+def test_offline_then_back_on_the_same_port(emu, client):
+    url = emu.base_url
+    list(client.files.list())                                   # a pooled keep-alive connection
+    emu.set_offline(True)
+    with pytest.raises(httpx2.ConnectError):
+        list(client.files.list())
+    emu.set_offline(False)
+    assert emu.base_url == url and list(client.files.list()) == []
+    control(emu, "offline", {"seconds": 1.0})                   # out-of-process variant
+    wait_for(lambda: emu.offline)
+    with pytest.raises(httpx2.ConnectError):
+        list(client.files.list())
+    wait_for(lambda: not emu.offline)
+    assert emu.base_url == url and list(client.files.list()) == []
+
+
+def wait_for(cond, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.01)
+
+
+# ---- control endpoints, raw protocol, CLI, lifecycle ---------------------------------------------
+def test_control_endpoints(emu, client, wav):
+    f = client.files.upload(file=wav)
+    state = control(emu, "state", method="GET")
+    assert [x["name"] for x in state["files"]] == [f.name] and state["stats"]["uploads_completed"] == 1
+    control(emu, "faults", {"route": "files_get", "kind": "status", "status": 500, "times": 1})
+    with pytest.raises(errors.ServerError):
+        client.files.get(name=f.name)
+    control(emu, "faults", {"route": "files_get", "status": 503})
+    control(emu, "faults", method="DELETE")
+    assert client.files.get(name=f.name).name == f.name
+    control(emu, "clock", {"advance": 48 * 3600 + 1})
+    with pytest.raises(errors.ClientError, match="PERMISSION_DENIED"):
+        client.files.get(name=f.name)
+
+
+def test_chunk_protocol_is_validated(emu):
+    start_headers = {"x-goog-api-key": "test-key", "X-Goog-Upload-Protocol": "resumable",
+                     "X-Goog-Upload-Command": "start", "X-Goog-Upload-Header-Content-Length": str(10 * MiB),
+                     "X-Goog-Upload-Header-Content-Type": "audio/wav"}
+    with httpx2.Client(base_url=emu.base_url) as http:
+        def start() -> str:
+            r = http.post("/upload/v1beta/files", headers={**start_headers, "Host": "localhost:%d" % emu.port},
+                          json={"file": {"displayName": "x"}})
+            assert r.status_code == 200 and r.headers["x-goog-upload-status"] == "active"
+            assert r.content == b"" and r.headers["content-length"] == "0"
+            return r.headers["x-goog-upload-url"]
+        url = start()
+        assert url.startswith(f"http://localhost:{emu.port}/upload/v1beta/files?upload_id=")
+        r = http.post(url, content=b"x" * 1000, headers={"X-Goog-Upload-Command": "upload", "X-Goog-Upload-Offset": "0"})
+        assert r.status_code == 400 and r.headers["x-goog-upload-status"] == "final"
+        assert r.text == "The client sent 1000 bytes, which is not a multiple of the 8388608 byte chunk granularity."
+        url = start()
+        r = http.post(url, content=b"x", headers={"X-Goog-Upload-Command": "upload, finalize", "X-Goog-Upload-Offset": "5"})
+        assert r.status_code == 400 and r.headers["x-goog-upload-status"] == "final" and "offset 5" in r.text
+        url = start()
+        r = http.post(url, content=b"x" * 8, headers={"X-Goog-Upload-Command": "upload, finalize", "X-Goog-Upload-Offset": "0"})
+        assert r.status_code == 400 and r.headers["x-goog-upload-status"] == "final"
+        r = http.get("/v1/files/nope", headers={"x-goog-api-key": "test-key"})
+        assert r.status_code == 403 and r.json()["error"]["status"] == "PERMISSION_DENIED"
+    assert emu.files == [] and emu.stats.uploads_started == 3 and emu.stats.uploads_completed == 0
+
+
+def test_cli_runs_and_prints_base_url():
+    proc = subprocess.Popen([sys.executable, "-m", "tests.emulator", "--port", "0", "--api-key", "k"],
+                            cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        banner = "".join(iter(proc.stdout.readline, "Ctrl-C to stop.\n"))
+        url = re.search(r"http://127\.0\.0\.1:\d+", banner).group(0)
+        assert "export GOOGLE_GEMINI_BASE_URL=" + url in banner
+        with urllib.request.urlopen(url + "/_emulator/state", timeout=5) as r:
+            assert json.loads(r.read())["files"] == []
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=10)
+    assert proc.returncode == 0
+
+
+def test_stop_leaves_no_threads_and_no_data(wav):
+    before = set(threading.enumerate())
+    emu = make_emu()
+    emu.start()
+    with sdk(emu) as client:
+        client.files.upload(file=wav)
+        data_dir = emu.data_dir
+        assert any(data_dir.rglob("*"))
+        emu.stop()
+    assert set(threading.enumerate()) - before == set()
+    assert not data_dir.exists()
