@@ -275,5 +275,23 @@ def retry(config_path: str | None, recording_id: int) -> None:
     click.echo(f"recording {recording_id} queued for another attempt")
 
 
+@main.command()
+@config_option
+@json_option
+@click.option("--offline", is_flag=True, help="Skip the check that talks to the Gemini API.")
+def doctor(config_path: str | None, as_json: bool, offline: bool) -> None:
+    """Check ffmpeg, the configuration, the database, the API key and the API, inotify limits and disk space."""
+    from daemon import doctor as checks
+
+    settings = settings_or_exit(config_path)
+    results = checks.run_checks(settings, api=not offline)
+    if as_json:
+        click.echo(json.dumps([result.__dict__ for result in results], indent=2))
+    else:
+        click.echo(checks.render(results))
+    if any(result.status == "fail" for result in results):
+        sys.exit(1)
+
+
 if __name__ == "__main__":
     main()
