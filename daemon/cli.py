@@ -130,7 +130,7 @@ def status(config_path: str | None, as_json: bool) -> None:
     running = daemon_running(settings)
     counts: dict[str, int] = {}
     prompts: dict[str, int] = {}
-    used, upcoming, state = 0, None, None
+    used, foreign, upcoming, state = 0, 0, None, None
     if session is not None:
         with session:
             counts = queries.recording_counts(session)
@@ -138,6 +138,7 @@ def status(config_path: str | None, as_json: bool) -> None:
             used = queries.storage_used(session)
             upcoming = queries.next_expiry(session)
             state = queries.daemon_state(session)
+            foreign = (state.foreign_bytes or 0) if state else 0
     waiting = state.waiting_for if state and running else None
     report = {
         "daemon": {"running": running, "pid": state.pid if state and running else None,
@@ -145,7 +146,10 @@ def status(config_path: str | None, as_json: bool) -> None:
                    "offline_since": iso(state.offline_since) if state and running else None},
         "recordings": {name: counts.get(name, 0) for name in STATES},
         "prompts": {name: prompts.get(name, 0) for name in PROMPT_STATES},
-        "storage": {"used_bytes": used, "limit_bytes": settings.gemini.storage_limit_bytes},
+        "storage": {"used_bytes": used + foreign, "limit_bytes": settings.gemini.storage_limit_bytes,
+                    "ours_bytes": used, "foreign_bytes": foreign,
+                    "headroom_bytes": settings.gemini.storage_headroom_bytes,
+                    "reconciled_at": iso(state.reconciled_at) if state else None},
         "next_expiry": {"recording_id": upcoming[0], "expires_at": iso(upcoming[1])} if upcoming else None,
         "state_dir": str(settings.state_dir),
     }
@@ -169,7 +173,8 @@ def status(config_path: str | None, as_json: bool) -> None:
         table.add_row(left, str(report["recordings"][left]) if left else "",
                       right, str(report["prompts"][right]) if right else "")
     console.print(table)
-    console.print(f"storage: {used / 1e9:.2f} GB used of {settings.gemini.storage_limit_bytes / 1e9:.2f} GB")
+    console.print(f"storage: {(used + foreign) / 1e9:.2f} GB used of {settings.gemini.storage_limit_bytes / 1e9:.2f} GB"
+                  + (f" ({foreign / 1e9:.2f} GB by other tools)" if foreign else ""))
     if upcoming:
         console.print(f"next expiry: recording {upcoming[0]} at {iso(upcoming[1])}")
 

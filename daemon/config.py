@@ -51,6 +51,9 @@ class GeminiSettings:
     processing_poll_seconds: float = 2.0
     processing_timeout_seconds: float = 600.0
     upload_workers: int = 2
+    # Re-upload every expired recording at once (when it fits without evicting), not only when a prompt needs it.
+    keep_resident: bool = False
+    reconcile_interval_seconds: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -275,6 +278,8 @@ def _read_gemini(read: _Reader, table: dict[str, Any]) -> GeminiSettings:
         processing_poll_seconds=read.positive(table, "processing_poll_seconds", p, float, 2.0),
         processing_timeout_seconds=read.positive(table, "processing_timeout_seconds", p, float, 600.0),
         upload_workers=read.positive(table, "upload_workers", p, int, 2),
+        keep_resident=read.get(table, "keep_resident", p, bool, False),
+        reconcile_interval_seconds=read.positive(table, "reconcile_interval_seconds", p, float, 600.0),
     )
 
 

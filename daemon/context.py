@@ -3,31 +3,19 @@ Gemini client (None without an API key) and the shared "what are we waiting for"
 
 from __future__ import annotations
 
-import random
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.config import Settings
 from daemon.gemini import GeminiClient
-
-MAX_AUTOMATIC_ATTEMPTS = 8
-
+from daemon.policy import Action, Decision
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
-
-
-def next_attempt(now: datetime, attempts: int, retry_after: float | None = None) -> datetime | None:
-    """When to retry after `attempts` failures: exponential backoff with jitter, a sane server hint wins.
-    None once the automatic attempts are used up (a person can still `audiodrop retry`)."""
-    if attempts >= MAX_AUTOMATIC_ATTEMPTS:
-        return None
-    delay = retry_after if retry_after is not None else min(1800.0, 5.0 * 2 ** (attempts - 1))
-    return now + timedelta(seconds=delay * random.uniform(1.0, 1.25))
 
 
 @dataclass
@@ -54,6 +42,23 @@ class Waiting:
     def paused(self, now: datetime) -> bool:
         return self.retry_at is not None and now < self.retry_at
 
+    def note(self, decision: Decision, now: datetime) -> None:
+        """A global problem: pause everything that talks to the API until `decision.retry_at`."""
+        with self.lock:
+            if decision.action is Action.WAIT_OFFLINE:
+                self.offline_since = self.offline_since or now
+            elif decision.action is Action.WAIT_AUTH:
+                self.auth_problem = decision.error
+            elif decision.action is Action.MAKE_ROOM:
+                self.quota_problem = decision.error
+            self.retry_at = decision.retry_at
+
+    def clear_network_problems(self) -> None:
+        """The API answered: it is reachable and the key works."""
+        with self.lock:
+            self.offline_since = None
+            self.auth_problem = None
+
 
 @dataclass
 class Context:
@@ -62,4 +67,5 @@ class Context:
     client: GeminiClient | None
     now: Callable[[], datetime] = utcnow
     waiting: Waiting = field(default_factory=Waiting)
+    instance_id: str = ""
     wake: Callable[[str], None] = lambda job: None

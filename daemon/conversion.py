@@ -12,7 +12,8 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
 from daemon import lifecycle, transcode
-from daemon.context import Context, next_attempt
+from daemon.context import Context
+from daemon.policy import backoff
 from daemon.errors import PermanentError, RejectedInput, TransientError
 from daemon.lifecycle import RecordingState as S
 from db.models import Recording
@@ -74,13 +75,13 @@ def convert_recording(ctx: Context, recording_id: int) -> None:
     except RejectedInput as err:
         return _finish(ctx, recording_id, S.REJECTED, reason=str(err), error=err.title)
     except TransientError as err:
-        when = next_attempt(ctx.now(), attempts + 1)
+        when = backoff(ctx.now(), attempts + 1)
         return _finish(ctx, recording_id, S.FAILED, reason=str(err), error=err.title, attempts=attempts + 1,
                        next_attempt_at=when)
     except PermanentError as err:
         return _finish(ctx, recording_id, S.REJECTED, reason=str(err), error=err.title)
     except OSError as err:
-        when = next_attempt(ctx.now(), attempts + 1)
+        when = backoff(ctx.now(), attempts + 1)
         return _finish(ctx, recording_id, S.FAILED, reason=f"{name}: {err}", error=f"{name}: cannot be read ({err})",
                        attempts=attempts + 1, next_attempt_at=when)
     reason = f"converted to {result.format} ({result.size_bytes} bytes, {result.duration_seconds:.1f} s)"

@@ -36,7 +36,7 @@ from daemon.errors import (
 
 log = logging.getLogger(__name__)
 
-# Every file we upload carries this prefix in its display name; files without it are never touched.
+# Every file we upload carries "audiodrop-<instance>-" in its display name; files without it are never touched.
 DISPLAY_PREFIX = "audiodrop-"
 # A RetryInfo delay longer than this is not a real delay (the storage quota's is about 2^63 s).
 SANE_RETRY_SECONDS = 3600.0
@@ -56,9 +56,14 @@ class RemoteFile:
     error: str | None = None
 
 
-def display_name_for(recording_id: int, sha256: str) -> str:
-    """Marks a remote file as ours and names its recording, never the user's file name (non-ASCII safe)."""
-    return f"{DISPLAY_PREFIX}{recording_id}-{sha256[:16]}"
+def display_prefix(instance_id: str) -> str:
+    return f"{DISPLAY_PREFIX}{instance_id}-"
+
+
+def display_name_for(instance_id: str, recording_id: int, sha256: str) -> str:
+    """Marks a remote file as this installation's and names its recording; never the user's file name
+    (which may be non-ASCII or private)."""
+    return f"{display_prefix(instance_id)}{recording_id}-{sha256[:16]}"
 
 
 def _sha256_hex(value: str | None) -> str | None:

@@ -145,9 +145,11 @@ def merge_duplicate(session: Session, duplicate: Recording, original_id: int, *,
 
 
 def forget(session: Session, recording_id: int) -> bool:
-    """A discovered file vanished before it was complete (a deleted partial copy): nothing to keep."""
+    """A discovered file vanished before it was ever complete (a deleted partial copy): nothing to keep.
+    A recording that was once converted is never forgotten, only rejected when its source is gone."""
     result = session.execute(
-        delete(Recording).where(Recording.id == recording_id, Recording.state == S.DISCOVERED.value)
+        delete(Recording).where(Recording.id == recording_id, Recording.state == S.DISCOVERED.value,
+                                Recording.sha256.is_(None))
     )
     return bool(result.rowcount)
 

@@ -8,6 +8,7 @@ import fcntl
 import logging
 import os
 import queue
+import secrets
 import signal
 import socket
 import threading
@@ -20,7 +21,7 @@ from typing import IO
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import select
 
-from daemon import conversion, intake, lifecycle, systemd, transcode, uploader
+from daemon import conversion, intake, lifecycle, policy, remote, systemd, transcode, uploader
 from daemon.config import Settings, find_api_key
 from daemon.context import Context
 from daemon.errors import DaemonError
@@ -92,6 +93,7 @@ class Daemon:
             else:
                 log.info("API key from %s", key_source)
             self.recover()
+            self.ctx.instance_id = self.ensure_instance_id()
             self.conversions = ThreadPoolExecutor(max_workers=settings.conversion.workers,
                                                   thread_name_prefix="convert")
             self.converting: set[int] = set()
@@ -119,6 +121,10 @@ class Daemon:
         add(uploader.poll_processing, "interval", args=[self.ctx], id="processing",
             seconds=self.settings.gemini.processing_poll_seconds)
         add(self.retry_due, "interval", seconds=5, id="retry")
+        add(remote.sweep_expired, "interval", args=[self.ctx], seconds=30, id="expiry", next_run_time=now)
+        if self.ctx.client is not None:
+            add(self.reconcile, "interval", seconds=self.settings.gemini.reconcile_interval_seconds, id="reconcile",
+                next_run_time=now)
         add(self.heartbeat, "interval", seconds=HEARTBEAT_SECONDS, id="heartbeat")
         interval = systemd.watchdog_interval()
         if interval:
@@ -154,6 +160,32 @@ class Daemon:
             if state is not None:
                 state.stopped_at = self.ctx.now()
         log.info("audiodrop stopped")
+
+    def ensure_instance_id(self) -> str:
+        with session_scope(self.ctx.sessions) as session:
+            state = session.get(DaemonState, 1)
+            if state is None:
+                state = DaemonState(id=1, started_at=self.ctx.now())
+                session.add(state)
+            if not state.instance_id:
+                state.instance_id = secrets.token_hex(4)
+            return state.instance_id
+
+    def reconcile(self) -> None:
+        """Compare the server's file list with the database (at start, every reconcile interval, and when the
+        server says the storage is full)."""
+        if self.ctx.waiting.paused(self.ctx.now()) and not self.ctx.waiting.quota_problem:
+            return
+        try:
+            remote.reconcile(self.ctx, in_flight=self.uploader.busy())
+        except Exception as err:
+            decision = policy.decide(err, attempts=1, now=self.ctx.now())
+            if decision.action in (policy.Action.WAIT_OFFLINE, policy.Action.WAIT_AUTH):
+                self.ctx.waiting.note(decision, self.ctx.now())
+            log.warning("reconciliation with the server failed: %s", decision.error)
+            return
+        self.ctx.waiting.clear_network_problems()
+        self.wake("upload")
 
     def recover(self) -> None:
         """Work a previous run left half done goes back to where it resumes safely."""
@@ -209,8 +241,15 @@ class Daemon:
                     break
                 found = intake.candidate(Path(recording.source_path), self.settings)
                 if found is None:
-                    if not os.path.exists(recording.source_path) and lifecycle.forget(session, recording.id):
+                    if os.path.exists(recording.source_path):
+                        continue
+                    if lifecycle.forget(session, recording.id):
                         log.info("%s: vanished before it was complete; forgotten", recording.source_path)
+                    else:
+                        lifecycle.advance(session, recording.id, expected=S.DISCOVERED, to=S.REJECTED,
+                                          now=ctx.now(), reason="the source file is gone",
+                                          error=f"{Path(recording.source_path).name}: the source file is gone, so "
+                                                "it cannot be converted again; drop it again to retry")
                     continue
                 intake.observe(session, found, closed=False, now=ctx.now())
                 session.refresh(recording)
@@ -262,6 +301,10 @@ class Daemon:
         ctx = self.ctx
         waiting = ctx.waiting.describe(self.has_key)
         with session_scope(ctx.sessions) as session:
+            if waiting:
+                backlog = queries.upload_backlog(session)
+                if backlog[0]:
+                    waiting += f"; {backlog[0]} recording(s), {backlog[1] / 1e6:.1f} MB, waiting to upload"
             state = session.get(DaemonState, 1)
             if state is None:
                 state = DaemonState(id=1, started_at=ctx.now())

@@ -165,3 +165,9 @@ class DaemonState(Base):
     waiting_for: Mapped[str | None] = mapped_column(Text)
     offline_since: Mapped[datetime | None] = mapped_column(UTCDateTime)
     remote_used_bytes: Mapped[int | None]
+    # Identifies this installation in remote display names, so files of another audiodrop sharing the
+    # project are never adopted or deleted.
+    instance_id: Mapped[str | None] = mapped_column(String(16))
+    # Bytes of files in the project that are not ours (other tools), from the last reconciliation.
+    foreign_bytes: Mapped[int | None]
+    reconciled_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

@@ -22,16 +22,29 @@ def test_migrations_produce_exactly_the_models_schema(tmp_path: Path) -> None:
     engine.dispose()
 
 
+def _diff(path: Path) -> list:
+    engine = make_engine(path)
+    with engine.connect() as connection:
+        diff = compare_metadata(MigrationContext.configure(connection), Base.metadata)
+    engine.dispose()
+    return diff
+
+
 def test_latest_migration_downgrades_and_upgrades_again(tmp_path: Path) -> None:
     path = tmp_path / "b.db"
     upgrade_to_head(path)
     command.downgrade(alembic_config(path), "-1")
-    engine = make_engine(path)
-    assert "recordings" not in inspect(engine).get_table_names()
-    engine.dispose()
+    assert _diff(path) != []
     upgrade_to_head(path)
+    assert _diff(path) == []
+
+
+def test_downgrade_to_base_removes_every_table(tmp_path: Path) -> None:
+    path = tmp_path / "base.db"
+    upgrade_to_head(path)
+    command.downgrade(alembic_config(path), "base")
     engine = make_engine(path)
-    assert "recordings" in inspect(engine).get_table_names()
+    assert inspect(engine).get_table_names() == ["alembic_version"]
     engine.dispose()
 
 
