@@ -19,7 +19,7 @@ from pathlib import Path
 from daemon.config import Settings, Watch, find_api_key
 from daemon.errors import AuthError, DaemonError, OfflineError, TransientError
 from daemon.transcode import FORMATS
-from daemon.watcher import filesystem_type, should_poll
+from daemon.watcher import NETWORK_FILESYSTEMS, filesystem_type, should_poll
 
 OK, WARNING, FAIL = "ok", "warning", "fail"
 LOW_DISK_BYTES = 1_000_000_000
@@ -80,8 +80,8 @@ def render(checks: list[Check]) -> str:
 def _scrub(check: Check, key: str | None) -> Check:
     if not key or len(key) < 6:  # too short to replace without mangling ordinary words
         return check
-    clean = {f: (v.replace(key, "[API key]") if isinstance(v, str) else v) for f, v in dataclasses.asdict(check).items()}
-    return Check(**clean)
+    hint = check.hint.replace(key, "[API key]") if check.hint else None
+    return Check(check.name.replace(key, "[API key]"), check.status, check.detail.replace(key, "[API key]"), hint)
 
 
 # -- ffmpeg, ffprobe, configuration ------------------------------------------------------------------------
@@ -170,8 +170,7 @@ def check_watch(watch: Watch, settings: Settings) -> Check:
         state = "does not exist yet; the daemon creates it at start"
     kind = filesystem_type(Path(os.path.abspath(path))) or "unknown filesystem"
     if not should_poll(watch):
-        remote = kind in ("nfs", "nfs4", "cifs", "smb3", "smbfs", "sshfs") or kind.startswith("fuse")
-        if remote:  # poll = false on a network mount
+        if kind in NETWORK_FILESYSTEMS or kind.startswith("fuse"):  # poll = false on a network mount
             return Check(name, WARNING, f"{state}; {kind} mount watched with inotify, which sees no changes made "
                          f"on other machines: they are found only by the scan every "
                          f"{settings.intake.scan_interval_seconds:.0f} s", "remove `poll = false` from this [[watch]]")
@@ -231,7 +230,7 @@ def check_database(settings: Settings) -> Check:
         revision = schema_revision(engine)
         tables = set(inspect(engine).get_table_names()) - {"alembic_version"}
     except SQLAlchemyError as err:
-        return Check("database", FAIL, f"{path} cannot be read: {err.orig or err}",
+        return Check("database", FAIL, f"{path} cannot be read: {getattr(err, 'orig', None) or err}",
                      f"restore it from a backup, or move it aside (`mv {path} {path}.broken`) so the daemon starts "
                      "a new one")
     finally:
@@ -279,7 +278,7 @@ def check_api(settings: Settings, key: str) -> Check:
     gemini = settings.gemini
     where = gemini.base_url or os.environ.get("GOOGLE_GEMINI_BASE_URL") or "the Gemini API"
     timeout = min(gemini.request_timeout_seconds, API_TIMEOUT_SECONDS)
-    client = GeminiClient(key, dataclasses.replace(gemini, request_timeout_seconds=timeout))
+    client = GeminiClient(key, dataclasses.replace(gemini, request_timeout_seconds=timeout), attempts=1)
     try:
         files = client.list_files()
     except AuthError as err:
@@ -307,22 +306,24 @@ def check_api(settings: Settings, key: str) -> Check:
 def _count_folders(watches: list[Watch]) -> tuple[int, bool]:
     """inotify needs one watch per folder of a recursive drop folder; (count, complete) within the time budget."""
     deadline = time.monotonic() + WALK_BUDGET_SECONDS
-    total = 0
+    seen: set[str] = set()  # nested drop folders share their watches
     for watch in watches:
-        stack = [watch.path]
+        stack = [os.path.abspath(watch.path)]
         while stack:
             folder = stack.pop()
-            total += 1
+            if folder in seen:
+                continue
+            seen.add(folder)
             if not watch.recursive:
                 continue
             if time.monotonic() > deadline:
-                return total, False
+                return len(seen), False
             try:
                 with os.scandir(folder) as entries:
-                    stack.extend(Path(e.path) for e in entries if e.is_dir(follow_symlinks=False))
+                    stack.extend(e.path for e in entries if e.is_dir(follow_symlinks=False))
             except OSError:
                 pass
-    return total, True
+    return len(seen), True
 
 
 def _sysctl(name: str, needed: int, floor: int) -> str:
@@ -341,7 +342,8 @@ def _limit(name: str, needed: int, floor: int, what: str, scan: float) -> Check:
     detail = f"{what}; fs.inotify.{name} = {limit}, shared by every program of the same user"
     if needed > limit:
         return Check(check_name, WARNING, f"{detail}: too low, so some folders get no events and new recordings "
-                     f"there are found only by the scan every {scan:.0f} s", f"raise it: {_sysctl(name, needed, floor)}")
+                     f"there are found only by the scan every {scan:.0f} s",
+                     f"raise it: {_sysctl(name, needed, floor)}")
     if needed > limit // 2:
         return Check(check_name, WARNING, f"{detail}: more than half of it for audiodrop alone",
                      f"raise it: {_sysctl(name, needed, floor)}")
@@ -353,7 +355,9 @@ def check_inotify(settings: Settings) -> list[Check]:
     if not native:
         return [Check("inotify", OK, "not used: every drop folder is polled")]
     folders, complete = _count_folders(native)
-    counted = f"{folders} folder(s) to watch" if complete else f"at least {folders} folders to watch (still counting)"
+    counted = f"{folders} folder(s) to watch"
+    if not complete:
+        counted = f"at least {counted} (counting stopped after {WALK_BUDGET_SECONDS:g} s)"
     scan = settings.intake.scan_interval_seconds
     # watchdog shares one inotify instance among all its watches in a process.
     return [_limit("max_user_watches", folders, 524_288, counted, scan),

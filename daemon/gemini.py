@@ -157,12 +157,12 @@ def convert_api_errors(subject: str) -> Iterator[None]:
 class GeminiClient:
     """Files API and prompts over the real SDK, with explicit timeouts and retries."""
 
-    def __init__(self, api_key: str, settings: GeminiSettings) -> None:
+    def __init__(self, api_key: str, settings: GeminiSettings, *, attempts: int = 3) -> None:
         self.settings = settings
         options: dict[str, Any] = {
             "timeout": int(settings.request_timeout_seconds * 1000),
             # 429 is left out on purpose: the daemon treats storage and rate 429s differently.
-            "retry_options": types.HttpRetryOptions(attempts=3, initial_delay=1.0, max_delay=8.0,
+            "retry_options": types.HttpRetryOptions(attempts=attempts, initial_delay=1.0, max_delay=8.0,
                                                     http_status_codes=[408, 500, 502, 503, 504]),
         }
         if settings.base_url:

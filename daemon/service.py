@@ -128,7 +128,7 @@ class Daemon:
         add(self.heartbeat, "interval", seconds=HEARTBEAT_SECONDS, id="heartbeat")
         interval = systemd.watchdog_interval()
         if interval:
-            add(systemd.notify, "interval", args=["WATCHDOG=1"], seconds=interval, id="watchdog")
+            add(self.watchdog_ping, "interval", seconds=interval, id="watchdog")
         self.scheduler.start()
 
     def wake(self, job_id: str) -> None:
@@ -147,8 +147,16 @@ class Daemon:
             signal.signal(signal.SIGTERM, stop)
             signal.signal(signal.SIGINT, stop)
 
+    def watchdog_ping(self) -> None:
+        """WATCHDOG=1 only while the daemon is healthy: observers alive and the intake job running."""
+        job = self.scheduler.get_job("intake")
+        if self.watcher.alive() and job is not None:
+            systemd.notify("WATCHDOG=1")
+        else:
+            log.error("a watcher or the intake job stopped; withholding the systemd watchdog ping")
+
     def shutdown(self) -> None:
-        systemd.notify("STOPPING=1")
+        systemd.notify("STOPPING=1\nSTATUS=stopping")
         self.scheduler.shutdown(wait=True)
         self.watcher.stop()
         # In-flight conversions are abandoned, not awaited: their rows go back to discovered at the next start
@@ -322,10 +330,16 @@ class Daemon:
         systemd.notify("STATUS=" + status_line(counts, used, self.settings.gemini.storage_limit_bytes, waiting))
 
 
+STATUS_ORDER = [state.value for state in S]
+IN_PROGRESS = {"discovered", "converting", "converted", "uploading", "processing"}
+
+
 def status_line(counts: dict[str, int], used: int, limit: int, waiting: str | None) -> str:
-    """One line for `systemctl status`: '3 converting · 12 active · 4.1 of 20 GB · offline since …'."""
-    parts = [f"{count} {state}" for state, count in sorted(counts.items()) if count]
-    parts.append(f"{used / 1e9:.1f} of {limit / 1e9:.0f} GB")
+    """One line for `systemctl status`: '3 converting · 12 active · 4.1 of 21.5 GB used · offline since …'."""
+    parts = [f"{counts[state]} {state}" for state in STATUS_ORDER if counts.get(state)]
+    if not any(counts.get(state) for state in IN_PROGRESS):
+        parts.insert(0, "idle")
+    parts.append(f"{used / 1e9:.1f} of {limit / 1e9:.1f} GB used")
     if waiting:
         parts.append(waiting.split(";")[0])
-    return " · ".join(parts) if parts else "idle"
+    return " · ".join(parts)

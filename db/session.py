@@ -60,7 +60,7 @@ def alembic_config(path: Path) -> Any:
     import migrations
 
     config = Config()
-    config.set_main_option("script_location", os.path.dirname(migrations.__file__))
+    config.set_main_option("script_location", migrations.__path__[0])
     config.set_main_option("sqlalchemy.url", f"sqlite:///{path}")
     return config
 
@@ -70,9 +70,17 @@ def upgrade_to_head(path: Path) -> None:
     from alembic import command
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    if not path.exists():
-        path.touch(mode=0o640)
-    command.upgrade(alembic_config(path), "head")
+    if path.exists():
+        command.upgrade(alembic_config(path), "head")
+        return
+    # A new database is built under a temporary name and renamed into place, so a reader never sees it
+    # half made.
+    building = path.with_name(f".{path.name}.new-{os.getpid()}")
+    building.unlink(missing_ok=True)
+    building.touch(mode=0o640)
+    os.chmod(building, 0o640)
+    command.upgrade(alembic_config(building), "head")
+    os.replace(building, path)
 
 
 def schema_revision(engine: Engine) -> str | None:
@@ -88,5 +96,5 @@ def head_revision() -> str | None:
     import migrations
 
     config = alembic_config(Path("unused.db"))
-    config.set_main_option("script_location", os.path.dirname(migrations.__file__))
+    config.set_main_option("script_location", migrations.__path__[0])
     return ScriptDirectory.from_config(config).get_current_head()
