@@ -20,7 +20,7 @@ from daemon.config import Settings, load_settings
 from daemon.errors import ConfigError, DaemonError
 from daemon.lifecycle import RecordingState
 from db import queries
-from db.models import Recording
+from db.models import Prompt, Recording
 from db.session import make_engine, make_sessionmaker
 
 STATES = [state.value for state in RecordingState]
@@ -130,7 +130,7 @@ def status(config_path: str | None, as_json: bool) -> None:
     running = daemon_running(settings)
     counts: dict[str, int] = {}
     prompts: dict[str, int] = {}
-    used, foreign, upcoming, state = 0, 0, None, None
+    used, foreign, upcoming, state, tokens_today = 0, 0, None, None, {"prompt": 0, "audio": 0, "output": 0}
     if session is not None:
         with session:
             counts = queries.recording_counts(session)
@@ -139,6 +139,8 @@ def status(config_path: str | None, as_json: bool) -> None:
             upcoming = queries.next_expiry(session)
             state = queries.daemon_state(session)
             foreign = (state.foreign_bytes or 0) if state else 0
+            tokens_today = queries.tokens_since(session, datetime.now(UTC).replace(hour=0, minute=0, second=0,
+                                                                                   microsecond=0))
     waiting = state.waiting_for if state and running else None
     report = {
         "daemon": {"running": running, "pid": state.pid if state and running else None,
@@ -151,6 +153,7 @@ def status(config_path: str | None, as_json: bool) -> None:
                     "headroom_bytes": settings.gemini.storage_headroom_bytes,
                     "reconciled_at": iso(state.reconciled_at) if state else None},
         "next_expiry": {"recording_id": upcoming[0], "expires_at": iso(upcoming[1])} if upcoming else None,
+        "tokens_today": tokens_today,
         "state_dir": str(settings.state_dir),
     }
     if as_json:
@@ -177,6 +180,8 @@ def status(config_path: str | None, as_json: bool) -> None:
                   + (f" ({foreign / 1e9:.2f} GB by other tools)" if foreign else ""))
     if upcoming:
         console.print(f"next expiry: recording {upcoming[0]} at {iso(upcoming[1])}")
+    console.print(f"tokens today (UTC): {tokens_today['prompt']} in ({tokens_today['audio']} audio), "
+                  f"{tokens_today['output']} out")
 
 
 @main.command()
@@ -254,6 +259,193 @@ def show(config_path: str | None, as_json: bool, recording_id: int) -> None:
         change = event["to"] if event["from"] in (None, event["to"]) else f"{event['from']} -> {event['to']}"
         table.add_row(event["at"], change, event["reason"])
     console.print(table)
+
+
+def prompt_json(prompt: Prompt) -> dict[str, Any]:
+    return {
+        "id": prompt.id,
+        "recording_ids": [link.recording_id for link in prompt.recordings],
+        "state": prompt.state,
+        "template": prompt.template,
+        "prompt": prompt.prompt_text,
+        "model": prompt.model,
+        "span": {"from_seconds": prompt.span_start_seconds, "to_seconds": prompt.span_end_seconds}
+        if prompt.span_start_seconds is not None else None,
+        "result_path": prompt.result_path,
+        "error": prompt.error,
+        "waiting_for": prompt.waiting_for if prompt.state == "queued" else None,
+        "delivery": prompt.delivery,
+        "finish_reason": prompt.finish_reason,
+        "chunks": prompt.chunks,
+        "tokens": {"estimated_audio": prompt.estimated_audio_tokens, "prompt": prompt.prompt_tokens,
+                   "audio": prompt.audio_tokens, "output": prompt.output_tokens},
+        "created_at": iso(prompt.created_at),
+        "finished_at": iso(prompt.finished_at),
+    }
+
+
+def parse_span(start: str | None, end: str | None) -> tuple[float, float] | None:
+    from daemon.chunking import parse_clock
+
+    if start is None and end is None:
+        return None
+    try:
+        return (parse_clock(start) if start else 0.0, parse_clock(end) if end else float("inf"))
+    except ValueError as err:
+        raise click.BadParameter(str(err)) from None
+
+
+@main.command()
+@config_option
+@json_option
+@click.argument("recording_ids", type=int, nargs=-1, required=True)
+@click.option("--template", "-t", help="A template name: transcribe, summarize or one from the config.")
+@click.option("--prompt", "-p", "prompt_text", help="Your own prompt text.")
+@click.option("--from", "span_from", metavar="TIME", help="Only from this time (02:30, 1:02:03, 90s).")
+@click.option("--to", "span_to", metavar="TIME", help="Only up to this time.")
+@click.option("--model", help="The model (default: the template's, else gemini.model).")
+@click.option("--wait", is_flag=True, help="Wait for the result and print it.")
+@click.option("--timeout", type=float, default=None, help="With --wait: give up after this many seconds.")
+@click.option("--dry-run", is_flag=True, help="Show the estimated audio tokens (and the API's count when online); "
+                                              "queue nothing.")
+def ask(config_path: str | None, as_json: bool, recording_ids: tuple[int, ...], template: str | None,
+        prompt_text: str | None, span_from: str | None, span_to: str | None, model: str | None, wait: bool,
+        timeout: float | None, dry_run: bool) -> None:
+    """Queue a prompt over one or more recordings."""
+    from daemon import prompts
+
+    if (template is None) == (prompt_text is None):
+        raise click.UsageError("give exactly one of --template NAME or --prompt TEXT")
+    settings = settings_or_exit(config_path)
+    span = parse_span(span_from, span_to)
+    session = open_session(settings, write=True)
+    if session is None:
+        fail("no recordings yet (the daemon has not run)")
+    assert session is not None
+    with session:
+        try:
+            request = prompts.request_for(settings, list(recording_ids), template=template, prompt_text=prompt_text,
+                                          model=model, span=span)
+            queued = prompts.enqueue(session, request, now=datetime.now(UTC))
+        except prompts.QueueError as err:
+            fail(str(err))
+            return
+        if dry_run:
+            report = dry_run_report(settings, session, queued)
+            session.rollback()
+            click.echo(json.dumps(report, indent=2) if as_json else
+                       "\n".join(f"{key}: {value}" for key, value in report.items()))
+            return
+        session.commit()
+        prompt_id = queued.id
+        if not wait:
+            click.echo(json.dumps(prompt_json(queued), indent=2) if as_json else f"queued prompt {prompt_id}")
+            return
+    finished = wait_for_prompt(settings, prompt_id, timeout)
+    if as_json:
+        click.echo(json.dumps(prompt_json(finished), indent=2))
+    elif finished.state == "done":
+        click.echo(finished.result_text or "")
+    if finished.state != "done":
+        fail(f"prompt {prompt_id} failed: {finished.error}")
+
+
+def dry_run_report(settings: Settings, session: Session, prompt: Prompt) -> dict[str, Any]:
+    """The estimate, and the API's countTokens answer when the recordings are live and a key is at hand."""
+    from daemon.config import find_api_key
+
+    report: dict[str, Any] = {"recording_ids": [link.recording_id for link in prompt.recordings],
+                              "model": prompt.model, "estimated_audio_tokens": prompt.estimated_audio_tokens,
+                              "api_total_tokens": None}
+    recordings = [session.get(Recording, link.recording_id) for link in prompt.recordings]
+    key, _ = find_api_key(settings)
+    live = all(r is not None and r.state == "active" for r in recordings)
+    if key and live and prompt.span_start_seconds is None:
+        from daemon.gemini import FilePart, GeminiClient
+
+        client = GeminiClient(key, settings.gemini, attempts=1)
+        try:
+            report["api_total_tokens"] = client.count_tokens(prompt.model, [
+                *[FilePart(r.remote_uri or "", r.converted_mime or "") for r in recordings if r], prompt.prompt_text])
+        except DaemonError as err:
+            report["api_note"] = f"countTokens failed: {err.title}"
+        finally:
+            client.close()
+    elif not key:
+        report["api_note"] = "no API key: estimate only"
+    else:
+        report["api_note"] = "not every recording is uploaded: estimate only"
+    return report
+
+
+def wait_for_prompt(settings: Settings, prompt_id: int, timeout: float | None) -> Prompt:
+    import time
+
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        session = open_session(settings)
+        assert session is not None
+        with session:
+            prompt = session.get(Prompt, prompt_id)
+            assert prompt is not None
+            if prompt.state in ("done", "failed"):
+                prompt_json(prompt)  # load the links while the session is open
+                return prompt
+        if deadline is not None and time.monotonic() > deadline:
+            fail(f"prompt {prompt_id} is still {prompt.state} after {timeout:g} s"
+                 + (f" ({prompt.waiting_for})" if prompt.waiting_for else ""))
+        time.sleep(0.5)
+
+
+@main.command(name="prompts")
+@config_option
+@json_option
+@click.option("--state", type=click.Choice(PROMPT_STATES), help="Only prompts in this state.")
+def list_prompts(config_path: str | None, as_json: bool, state: str | None) -> None:
+    """The prompt queue and the finished prompts."""
+    settings = settings_or_exit(config_path)
+    session = open_session(settings)
+    items: list[dict[str, Any]] = []
+    if session is not None:
+        with session:
+            query = select(Prompt).order_by(Prompt.id)
+            if state:
+                query = query.where(Prompt.state == state)
+            items = [prompt_json(p) for p in session.scalars(query).all()]
+    if as_json:
+        click.echo(json.dumps(items, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("id", "state", "template", "recordings", "audio tokens", "result / note")
+    for item in items:
+        tokens = item["tokens"]["audio"] or item["tokens"]["estimated_audio"]
+        note = item["result_path"] or item["error"] or item["waiting_for"] or ""
+        table.add_row(str(item["id"]), item["state"], item["template"] or "(own prompt)",
+                      ", ".join(map(str, item["recording_ids"])), str(tokens or ""), note)
+    Console().print(table if items else "no prompts yet")
+
+
+@main.command()
+@config_option
+@click.argument("prompt_id", type=int)
+def result(config_path: str | None, prompt_id: int) -> None:
+    """Print one prompt's result text."""
+    settings = settings_or_exit(config_path)
+    session = open_session(settings)
+    if session is None:
+        fail(f"no prompt with id {prompt_id}")
+    assert session is not None
+    with session:
+        prompt = session.get(Prompt, prompt_id)
+        if prompt is None:
+            fail(f"no prompt with id {prompt_id}")
+        assert prompt is not None
+        if prompt.state != "done":
+            detail = prompt.error if prompt.state == "failed" else prompt.waiting_for
+            fail(f"prompt {prompt_id} is {prompt.state}" + (f": {detail}" if detail else ""))
+        click.echo(prompt.result_text or "")
 
 
 @main.command()

@@ -76,6 +76,21 @@ class IntakeSettings:
 
 
 @dataclass(frozen=True)
+class PromptSettings:
+    # "auto": a small recording whose remote copy is not live goes inline instead of being re-uploaded.
+    inline: str = "auto"
+    # Total request size cap for inline data, counted after base64 (the API's limit; newer docs say 100 MB).
+    inline_limit_bytes: int = 20 * 1024 * 1024
+    max_output_tokens: int = 8192
+    max_output_tokens_limit: int = 65536
+    # Long transcripts are split into chunks sized by the output budget (15-30 min), overlapping slightly.
+    chunk_seconds: float = 1200.0
+    chunk_overlap_seconds: float = 10.0
+    requests_per_minute: int = 10
+    workers: int = 2
+
+
+@dataclass(frozen=True)
 class Template:
     name: str
     prompt: str
@@ -92,6 +107,7 @@ class Settings:
     gemini: GeminiSettings = GeminiSettings()
     conversion: ConversionSettings = ConversionSettings()
     intake: IntakeSettings = IntakeSettings()
+    prompts: PromptSettings = PromptSettings()
     templates: dict[str, Template] = field(default_factory=dict)
     log_level: str = "INFO"
     source: Path | None = None
@@ -194,7 +210,8 @@ def _path(value: str) -> Path:
 
 def _build(data: dict[str, Any], source: Path | None) -> Settings:
     read = _Reader()
-    top_keys = {"state_dir", "results_dir", "watch", "gemini", "conversion", "intake", "templates", "log_level"}
+    top_keys = {"state_dir", "results_dir", "watch", "gemini", "conversion", "intake", "prompts", "templates",
+                "log_level"}
     read.table(data, "", top_keys)
 
     default_state = _xdg("XDG_STATE_HOME", ".local/state") / "audiodrop"
@@ -206,6 +223,7 @@ def _build(data: dict[str, Any], source: Path | None) -> Settings:
     conversion = _read_conversion(read, read.get(data, "conversion", "", dict, {}))
     intake = _read_intake(read, read.get(data, "intake", "", dict, {}))
     templates = _read_templates(read, read.get(data, "templates", "", dict, {}))
+    prompts = _read_prompts(read, read.get(data, "prompts", "", dict, {}))
 
     for watch in watches:
         for name in watch.prompts:
@@ -225,6 +243,7 @@ def _build(data: dict[str, Any], source: Path | None) -> Settings:
         gemini=gemini,
         conversion=conversion,
         intake=intake,
+        prompts=prompts,
         templates=templates,
         log_level=log_level,
         source=source,
@@ -310,6 +329,25 @@ def _read_intake(read: _Reader, table: dict[str, Any]) -> IntakeSettings:
         scan_interval_seconds=read.positive(table, "scan_interval_seconds", p, float, defaults.scan_interval_seconds),
         poll_interval_seconds=read.positive(table, "poll_interval_seconds", p, float, defaults.poll_interval_seconds),
     )
+
+
+def _read_prompts(read: _Reader, table: dict[str, Any]) -> PromptSettings:
+    p = "prompts."
+    read.table(table, p, set(PromptSettings.__dataclass_fields__))
+    d = PromptSettings()
+    settings = PromptSettings(
+        inline=read.get(table, "inline", p, str, d.inline),
+        inline_limit_bytes=read.positive(table, "inline_limit_bytes", p, int, d.inline_limit_bytes),
+        max_output_tokens=read.positive(table, "max_output_tokens", p, int, d.max_output_tokens),
+        max_output_tokens_limit=read.positive(table, "max_output_tokens_limit", p, int, d.max_output_tokens_limit),
+        chunk_seconds=read.positive(table, "chunk_seconds", p, float, d.chunk_seconds),
+        chunk_overlap_seconds=read.get(table, "chunk_overlap_seconds", p, float, d.chunk_overlap_seconds),
+        requests_per_minute=read.positive(table, "requests_per_minute", p, int, d.requests_per_minute),
+        workers=read.positive(table, "workers", p, int, d.workers),
+    )
+    if settings.inline not in ("auto", "never"):
+        read.problems.append(f"{p}inline: expected auto or never, got {settings.inline!r}")
+    return settings
 
 
 def _read_templates(read: _Reader, table: dict[str, Any]) -> dict[str, Template]:

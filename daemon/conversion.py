@@ -11,7 +11,7 @@ from pathlib import Path
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
-from daemon import lifecycle, transcode
+from daemon import lifecycle, prompts, transcode
 from daemon.context import Context
 from daemon.policy import backoff
 from daemon.errors import PermanentError, RejectedInput, TransientError
@@ -93,6 +93,10 @@ def convert_recording(ctx: Context, recording_id: int) -> None:
             converted_bytes=result.size_bytes, converted_mime=result.mime_type, converted_format=result.format,
             converted_sha256=converted_sha256, attempts=0, next_attempt_at=None)
     log.info("%s: %s", name, reason)
+    with session_scope(ctx.sessions) as session:
+        recording = session.get(Recording, recording_id)
+        if recording is not None:
+            prompts.enqueue_watch_prompts(session, ctx.settings, recording, now=ctx.now())
     ctx.wake("upload")
 
 

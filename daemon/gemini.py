@@ -56,6 +56,40 @@ class RemoteFile:
     error: str | None = None
 
 
+@dataclass(frozen=True)
+class FilePart:
+    uri: str
+    mime_type: str
+
+
+@dataclass(frozen=True)
+class InlinePart:
+    data: bytes
+    mime_type: str
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    finish_reason: str  # STOP, MAX_TOKENS, SAFETY, RECITATION, OTHER, ... or NONE when the answer has none
+    prompt_tokens: int | None
+    audio_tokens: int | None
+    output_tokens: int | None
+    model_version: str | None
+
+
+def _contents(parts: list[FilePart | InlinePart | str]) -> list[types.Part]:
+    built = []
+    for part in parts:
+        if isinstance(part, FilePart):
+            built.append(types.Part.from_uri(file_uri=part.uri, mime_type=part.mime_type))
+        elif isinstance(part, InlinePart):
+            built.append(types.Part.from_bytes(data=part.data, mime_type=part.mime_type))
+        else:
+            built.append(types.Part.from_text(text=part))
+    return built
+
+
 def display_prefix(instance_id: str) -> str:
     return f"{DISPLAY_PREFIX}{instance_id}-"
 
@@ -193,6 +227,28 @@ class GeminiClient:
     def list_files(self) -> list[RemoteFile]:
         with convert_api_errors("files.list"):
             return [_remote(f) for f in self._client.files.list(config={"page_size": 100})]
+
+    def generate(self, model: str, parts: list[FilePart | InlinePart | str], *,
+                 system_instruction: str | None = None, max_output_tokens: int | None = None) -> Generation:
+        config = types.GenerateContentConfig(system_instruction=system_instruction,
+                                             max_output_tokens=max_output_tokens)
+        with convert_api_errors(f"prompt to {model}"):
+            response = self._client.models.generate_content(model=model, contents=_contents(parts), config=config)
+        candidate = response.candidates[0] if response.candidates else None
+        reason = candidate.finish_reason.value if candidate is not None and candidate.finish_reason else "NONE"
+        usage = response.usage_metadata
+        audio = None
+        if usage is not None and usage.prompt_tokens_details:
+            audio = sum(d.token_count or 0 for d in usage.prompt_tokens_details
+                        if d.modality is not None and d.modality.value == "AUDIO")
+        return Generation(text=response.text or "", finish_reason=reason,
+                          prompt_tokens=usage.prompt_token_count if usage else None, audio_tokens=audio,
+                          output_tokens=usage.candidates_token_count if usage else None,
+                          model_version=response.model_version)
+
+    def count_tokens(self, model: str, parts: list[FilePart | InlinePart | str]) -> int:
+        with convert_api_errors(f"countTokens on {model}"):
+            return int(self._client.models.count_tokens(model=model, contents=_contents(parts)).total_tokens or 0)
 
     def close(self) -> None:
         self._client.close()

@@ -59,7 +59,8 @@ TRANSITIONS: dict[RecordingState, frozenset[RecordingState]] = {
     S.PROCESSING: frozenset({S.ACTIVE, S.FAILED, S.EXPIRED}),
     # Active -> converting: the API refused the format, so the recording is re-encoded to the fallback.
     S.ACTIVE: frozenset({S.EXPIRED, S.CONVERTING}),
-    S.EXPIRED: frozenset({S.UPLOADING, S.CONVERTING}),
+    # Expired -> discovered: the API refused the format; converted again from the source, in the fallback.
+    S.EXPIRED: frozenset({S.UPLOADING, S.CONVERTING, S.DISCOVERED}),
     S.FAILED: frozenset({S.DISCOVERED, S.CONVERTED, S.CONVERTING, S.EXPIRED}),
     S.REJECTED: frozenset({S.DISCOVERED}),
 }

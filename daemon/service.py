@@ -21,7 +21,7 @@ from typing import IO
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import select
 
-from daemon import conversion, intake, lifecycle, policy, remote, systemd, transcode, uploader
+from daemon import conversion, intake, lifecycle, policy, prompts, remote, systemd, transcode, uploader
 from daemon.config import Settings, find_api_key
 from daemon.context import Context
 from daemon.errors import DaemonError
@@ -99,6 +99,7 @@ class Daemon:
             self.converting: set[int] = set()
             self.converting_lock = threading.Lock()
             self.uploader = uploader.Uploader(self.ctx)
+            self.prompt_runner = prompts.PromptRunner(self.ctx)
             self.watcher = Watcher(settings, self.hints)
             self.watcher.start()
             self._schedule_jobs()
@@ -120,6 +121,7 @@ class Daemon:
         add(self.uploader.dispatch, "interval", seconds=UPLOAD_TICK_SECONDS, id="upload")
         add(uploader.poll_processing, "interval", args=[self.ctx], id="processing",
             seconds=self.settings.gemini.processing_poll_seconds)
+        add(self.prompt_runner.dispatch, "interval", seconds=1, id="prompts")
         add(self.retry_due, "interval", seconds=5, id="retry")
         add(remote.sweep_expired, "interval", args=[self.ctx], seconds=30, id="expiry", next_run_time=now)
         if self.ctx.client is not None:
@@ -162,6 +164,7 @@ class Daemon:
         # In-flight conversions are abandoned, not awaited: their rows go back to discovered at the next start
         # and their temporary files never reach a final name.
         self.conversions.shutdown(wait=False, cancel_futures=True)
+        self.prompt_runner.shutdown()
         self.uploader.shutdown()
         with session_scope(self.ctx.sessions) as session:
             state = session.get(DaemonState, 1)
@@ -205,6 +208,9 @@ class Daemon:
                                   closed_after_write=True)
         if stale:
             log.info("resuming %d conversion(s) interrupted by the last stop", len(stale))
+        requeued = prompts.recover(self.ctx)
+        if requeued:
+            log.info("%d prompt(s) interrupted by the last stop are queued again", requeued)
         for leftover in transcode.remove_stale_partials(self.settings.converted_dir):
             log.info("removed %s, the unfinished output of an interrupted conversion", leftover.name)
 

@@ -129,6 +129,12 @@ class Prompt(Base):
     output_tokens: Mapped[int | None]
     estimated_audio_tokens: Mapped[int | None]
     error: Mapped[str | None] = mapped_column(Text)
+    # What a queued prompt waits for (files being re-uploaded, a rate limit, the network); not an error.
+    waiting_for: Mapped[str | None] = mapped_column(Text)
+    max_output_tokens: Mapped[int | None]
+    chunk_seconds: Mapped[float | None]
+    chunks: Mapped[int | None]
+    model_version: Mapped[str | None] = mapped_column(String(64))
     attempts: Mapped[int] = mapped_column(default=0)
     next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     claimed_until: Mapped[datetime | None] = mapped_column(UTCDateTime)

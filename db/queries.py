@@ -49,3 +49,11 @@ def upload_backlog(session: Session) -> tuple[int, int]:
     count, size = session.execute(select(func.count(), func.coalesce(func.sum(Recording.converted_bytes), 0))
                                   .where(Recording.state == "converted")).one()
     return int(count), int(size)
+
+
+def tokens_since(session: Session, since: datetime) -> dict[str, int]:
+    """Tokens spent by prompts finished since `since`."""
+    prompt, audio, output = session.execute(
+        select(func.coalesce(func.sum(Prompt.prompt_tokens), 0), func.coalesce(func.sum(Prompt.audio_tokens), 0),
+               func.coalesce(func.sum(Prompt.output_tokens), 0)).where(Prompt.finished_at >= since)).one()
+    return {"prompt": int(prompt), "audio": int(audio), "output": int(output)}

@@ -1,0 +1,531 @@
+"""The prompt queue: queueing a prompt over recordings, and running it once every file it needs is usable.
+
+A prompt runs only when all its recordings are ACTIVE and none expires within the margin; otherwise it waits
+(queued, with `waiting_for` saying why) while the uploader re-uploads them. A small recording whose remote
+copy is not live goes inline instead. Long transcripts and `--from/--to` spans are cut locally with ffmpeg
+and sent as inline pieces, and their timestamps are mapped back onto the recording's timeline. A result
+whose finish reason is not STOP, or that is empty, is never `done`: the prompt is retried with a larger
+output budget, then split, and fails with the reason if that does not help. Prompt states change only here.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+import re
+import threading
+import time
+from collections import defaultdict, deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from daemon import chunking, lifecycle, policy, results, transcode
+from daemon.config import Settings, Template
+from daemon.context import Context
+from daemon.errors import PermanentError
+from daemon.gemini import FilePart, Generation, InlinePart
+from daemon.lifecycle import RecordingState as S
+from daemon.policy import Action
+from db.models import Prompt, PromptRecording, Recording
+from db.session import session_scope
+
+log = logging.getLogger(__name__)
+
+AUDIO_TOKENS_PER_SECOND = 32
+MAX_PROMPT_SECONDS = 9.5 * 3600
+MIN_CHUNK_SECONDS = 120.0
+WAIT_RECHECK_SECONDS = 2.0
+
+
+class PromptState(enum.StrEnum):
+    QUEUED = "queued"
+    """Waiting to run: for its turn, for its files to be uploaded, for a rate limit or the network."""
+    RUNNING = "running"
+    """Claimed by a worker and talking to the model."""
+    DONE = "done"
+    """The result is stored in the database and written to results_dir."""
+    FAILED = "failed"
+    """It could not be answered; `error` says why."""
+
+
+P = PromptState
+
+
+def estimate_audio_tokens(seconds: float) -> int:
+    return math.ceil(seconds * AUDIO_TOKENS_PER_SECOND)
+
+
+class QueueError(ValueError):
+    """A prompt that cannot be queued; the message says why."""
+
+
+@dataclass(frozen=True)
+class Request:
+    recording_ids: list[int]
+    prompt_text: str
+    template: str | None
+    model: str
+    system_instruction: str | None
+    output_format: str
+    span: tuple[float, float] | None = None
+
+
+def request_for(settings: Settings, recording_ids: list[int], *, template: str | None = None,
+                prompt_text: str | None = None, model: str | None = None,
+                span: tuple[float, float] | None = None) -> Request:
+    """A prompt request from a template name or a free text (exactly one of them)."""
+    if (template is None) == (prompt_text is None):
+        raise QueueError("give either a template or a prompt text")
+    chosen: Template | None = None
+    if template is not None:
+        if template not in settings.templates:
+            raise QueueError(f"no template named {template!r} (known: {', '.join(sorted(settings.templates))})")
+        chosen = settings.templates[template]
+    text = chosen.prompt if chosen else str(prompt_text)
+    return Request(recording_ids=recording_ids, prompt_text=text, template=template,
+                   model=model or (chosen.model if chosen and chosen.model else settings.gemini.model),
+                   system_instruction=chosen.system_instruction if chosen else None,
+                   output_format=chosen.output_format if chosen else "markdown", span=span)
+
+
+def enqueue(session: Session, request: Request, *, now: datetime) -> Prompt:
+    """Queue a prompt after checking its recordings and the 9.5-hour limit."""
+    if not request.recording_ids:
+        raise QueueError("name at least one recording")
+    if len(set(request.recording_ids)) != len(request.recording_ids):
+        raise QueueError("a recording is named twice")
+    recordings = [session.get(Recording, rid) for rid in request.recording_ids]
+    for rid, recording in zip(request.recording_ids, recordings):
+        if recording is None:
+            raise QueueError(f"no recording with id {rid}")
+        if recording.state == S.REJECTED.value:
+            raise QueueError(f"recording {rid} was rejected ({recording.error}); it cannot be prompted")
+    durations = [r.duration_seconds for r in recordings if r is not None]
+    seconds = None if None in durations else float(sum(d or 0 for d in durations))
+    if request.span is not None:
+        start, end = request.span
+        if len(recordings) != 1:
+            raise QueueError("--from/--to apply to one recording")
+        if not 0 <= start < end:
+            raise QueueError(f"the span {chunking.format_clock(start)}-{chunking.format_clock(end)} is empty")
+        if seconds is not None and start >= seconds:
+            raise QueueError(f"the span starts after the end of the recording ({chunking.format_clock(seconds)})")
+        seconds = min(end, seconds if seconds is not None else end) - start
+    splittable = request.template == "transcribe" and len(recordings) == 1 and request.span is None
+    if seconds is not None and seconds > MAX_PROMPT_SECONDS and not splittable:
+        raise QueueError(f"{seconds / 3600:.1f} hours of audio is more than the 9.5 hours one prompt may hold; "
+                         "ask over fewer recordings or a --from/--to span")
+    prompt = Prompt(state=P.QUEUED.value, template=request.template, prompt_text=request.prompt_text,
+                    system_instruction=request.system_instruction, model=request.model,
+                    output_format=request.output_format,
+                    span_start_seconds=request.span[0] if request.span else None,
+                    span_end_seconds=request.span[1] if request.span else None,
+                    estimated_audio_tokens=estimate_audio_tokens(seconds) if seconds is not None else None,
+                    created_at=now, attempts=0)
+    session.add(prompt)
+    session.flush()
+    for position, rid in enumerate(request.recording_ids):
+        session.add(PromptRecording(prompt_id=prompt.id, recording_id=rid, position=position))
+    session.flush()
+    return prompt
+
+
+def enqueue_watch_prompts(session: Session, settings: Settings, recording: Recording, *, now: datetime) -> None:
+    """The prompts of the recording's drop folder, once per recording."""
+    watch = next((w for w in settings.watches if str(w.path) == recording.watch_root), None)
+    if watch is None or not watch.prompts:
+        return
+    if session.scalar(select(PromptRecording.prompt_id).where(PromptRecording.recording_id == recording.id).limit(1)):
+        return
+    for name in watch.prompts:
+        enqueue(session, request_for(settings, [recording.id], template=name), now=now)
+
+
+def _move(session: Session, prompt_id: int, expected: PromptState, to: PromptState, **changes: Any) -> bool:
+    """Compare-and-set one prompt's state (the only place prompt states change)."""
+    result = session.execute(update(Prompt).where(Prompt.id == prompt_id, Prompt.state == expected.value)
+                             .values(state=to.value, **changes).execution_options(synchronize_session=False))
+    return bool(result.rowcount)
+
+
+def recover(ctx: Context) -> int:
+    """Prompts a previous run left running go back to the queue (their result was never stored)."""
+    with session_scope(ctx.sessions) as session:
+        stale = session.scalars(select(Prompt.id).where(Prompt.state == P.RUNNING.value)).all()
+        for prompt_id in stale:
+            _move(session, prompt_id, P.RUNNING, P.QUEUED, claimed_until=None,
+                  waiting_for="the daemon stopped while it ran; running it again")
+    return len(stale)
+
+
+class NotReady(Exception):
+    """The prompt's files are not usable yet; it waits in the queue."""
+
+
+class Truncated(Exception):
+    """The model's answer stopped early (finish reason not STOP, or empty)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class PromptRunner:
+    """Claims due prompts and runs them on a small pool, within a requests-per-minute limit per model."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.pool = ThreadPoolExecutor(max_workers=ctx.settings.prompts.workers, thread_name_prefix="prompt")
+        self.running: set[int] = set()
+        self.lock = threading.Lock()
+        self.sent: dict[str, deque[float]] = defaultdict(deque)
+
+    def dispatch(self) -> None:
+        ctx = self.ctx
+        if ctx.client is None or ctx.waiting.paused(ctx.now()):
+            return
+        with self.lock:
+            free = ctx.settings.prompts.workers - len(self.running)
+        if free <= 0:
+            return
+        now = ctx.now()
+        claimed = []
+        with session_scope(ctx.sessions) as session:
+            due = session.scalars(select(Prompt).where(Prompt.state == P.QUEUED.value)
+                                  .where((Prompt.next_attempt_at.is_(None)) | (Prompt.next_attempt_at <= now))
+                                  .order_by(Prompt.id).limit(free)).all()
+            for prompt in due:
+                if _move(session, prompt.id, P.QUEUED, P.RUNNING, claimed_until=now + timedelta(hours=1),
+                         started_at=prompt.started_at or now):
+                    claimed.append(prompt.id)
+        for prompt_id in claimed:
+            with self.lock:
+                self.running.add(prompt_id)
+            self.pool.submit(self._run, prompt_id)
+
+    def _run(self, prompt_id: int) -> None:
+        try:
+            run_prompt(self.ctx, prompt_id, self)
+        except Exception:
+            log.exception("prompt %d: unexpected error", prompt_id)
+            with session_scope(self.ctx.sessions) as session:
+                _move(session, prompt_id, P.RUNNING, P.FAILED, finished_at=self.ctx.now(), claimed_until=None,
+                      error="unexpected error while running the prompt; see the daemon log")
+        finally:
+            with self.lock:
+                self.running.discard(prompt_id)
+            self.ctx.wake("prompts")
+
+    def take_request_slot(self, model: str) -> float:
+        """0 if a request to `model` may go now (and counts it), else the seconds until one may."""
+        limit = self.ctx.settings.prompts.requests_per_minute
+        now = time.monotonic()
+        with self.lock:
+            sent = self.sent[model]
+            while sent and now - sent[0] >= 60:
+                sent.popleft()
+            if len(sent) >= limit:
+                return 60 - (now - sent[0])
+            sent.append(now)
+            return 0.0
+
+    def shutdown(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+@dataclass
+class Job:
+    """Everything one run of a prompt needs, read from the database at its start."""
+
+    prompt: Prompt
+    recordings: list[Recording]
+
+
+def run_prompt(ctx: Context, prompt_id: int, runner: PromptRunner) -> None:
+    with session_scope(ctx.sessions) as session:
+        prompt = session.get(Prompt, prompt_id)
+        if prompt is None or prompt.state != P.RUNNING.value:
+            return
+        ids = [link.recording_id for link in prompt.recordings]
+        recordings = [session.get(Recording, rid) for rid in ids]
+        job = Job(prompt, [r for r in recordings if r is not None])
+        session.expunge_all()
+    try:
+        text, meta = answer(ctx, job, runner)
+    except NotReady as waiting:
+        _requeue(ctx, job.prompt, str(waiting), ctx.now() + timedelta(seconds=WAIT_RECHECK_SECONDS))
+        return
+    except Exception as err:
+        _handle_error(ctx, job, err)
+        return
+    _store_result(ctx, job, text, meta)
+
+
+def _budget(ctx: Context, prompt: Prompt) -> int:
+    return prompt.max_output_tokens or ctx.settings.prompts.max_output_tokens
+
+
+def answer(ctx: Context, job: Job, runner: PromptRunner) -> tuple[str, dict[str, Any]]:
+    """The model's answer for the job, by the right path: cut pieces, inline, or the Files API."""
+    prompt, recordings = job.prompt, job.recordings
+    rejected = [r for r in recordings if r.state == S.REJECTED.value]
+    if rejected:
+        raise PermanentError(f"recording {rejected[0].id} was rejected: {rejected[0].error}")
+    not_converted = [r for r in recordings if not r.converted_path or r.duration_seconds is None]
+    if not_converted:
+        raise NotReady(f"recording {not_converted[0].id} is not converted yet ({not_converted[0].state})")
+    chunk_seconds = prompt.chunk_seconds or ctx.settings.prompts.chunk_seconds
+    single = recordings[0] if len(recordings) == 1 else None
+    if single is not None and prompt.span_start_seconds is not None:
+        return _answer_span(ctx, job, single, runner)
+    if single is not None and prompt.template == "transcribe" and (single.duration_seconds or 0) > chunk_seconds * 1.1:
+        return _answer_chunked(ctx, job, single, chunk_seconds, runner)
+    if single is not None and _inline_fits(ctx, job, single):
+        data = Path(single.converted_path or "").read_bytes()
+        generation = _generate(ctx, job, [InlinePart(data, single.converted_mime or "audio/ogg")], runner)
+        return generation.text, _meta(generation, delivery="inline")
+    parts: list[FilePart | InlinePart | str] = [FilePart(r.remote_uri or "", r.converted_mime or "") for r in
+                                                _ready_remote(ctx, job)]
+    generation = _generate(ctx, job, parts, runner)
+    return generation.text, _meta(generation, delivery="files")
+
+
+def _inline_fits(ctx: Context, job: Job, recording: Recording) -> bool:
+    """Inline saves a (re-)upload for a small recording whose remote copy is not live and no other prompt needs."""
+    if ctx.settings.prompts.inline != "auto" or recording.state == S.ACTIVE.value:
+        return False
+    request_bytes = math.ceil((recording.converted_bytes or 0) * 4 / 3) + len(job.prompt.prompt_text.encode()) + 4096
+    if request_bytes > ctx.settings.prompts.inline_limit_bytes:
+        return False
+    with session_scope(ctx.sessions) as session:
+        others = session.scalar(select(PromptRecording.prompt_id).join(Prompt).where(
+            PromptRecording.recording_id == recording.id, Prompt.id != job.prompt.id,
+            Prompt.state.in_((P.QUEUED.value, P.RUNNING.value))).limit(1))
+    return others is None
+
+
+def _ready_remote(ctx: Context, job: Job) -> list[Recording]:
+    """The job's recordings if every one is ACTIVE beyond the expiry margin; otherwise start their
+    re-upload and raise NotReady."""
+    now = ctx.now()
+    margin = timedelta(seconds=ctx.settings.gemini.expiry_margin_seconds)
+    waiting = []
+    with session_scope(ctx.sessions) as session:
+        for recording in job.recordings:
+            current = session.get(Recording, recording.id)
+            assert current is not None
+            if current.state == S.ACTIVE.value and current.remote_expires_at and current.remote_expires_at > now + margin:
+                current.last_needed_at = now
+                continue
+            if current.state == S.ACTIVE.value:
+                lifecycle.advance(session, current.id, expected=S.ACTIVE, to=S.EXPIRED, now=now,
+                                  reason=f"expires within the margin; uploading again for prompt {job.prompt.id}")
+            waiting.append(f"recording {current.id} ({current.state})")
+        fresh = [session.get(Recording, r.id) for r in job.recordings]
+    if waiting:
+        ctx.wake("upload")
+        raise NotReady("waiting for " + ", ".join(waiting) + " to be uploaded")
+    return [r for r in fresh if r is not None]
+
+
+def _generate(ctx: Context, job: Job, parts: list[FilePart | InlinePart | str], runner: PromptRunner,
+              *, text: str | None = None) -> Generation:
+    prompt = job.prompt
+    wait = runner.take_request_slot(prompt.model)
+    if wait:
+        raise NotReady(f"rate limit: at most {ctx.settings.prompts.requests_per_minute} requests a minute to "
+                       f"{prompt.model}; next in {wait:.0f} s")
+    assert ctx.client is not None
+    generation = ctx.client.generate(prompt.model, [*parts, text or prompt.prompt_text],
+                                     system_instruction=prompt.system_instruction,
+                                     max_output_tokens=_budget(ctx, prompt))
+    ctx.waiting.clear_network_problems()
+    if generation.finish_reason != "STOP":
+        raise Truncated(f"the answer stopped early (finish reason {generation.finish_reason})")
+    if not generation.text.strip():
+        raise Truncated("the answer was empty (finish reason STOP)")
+    return generation
+
+
+def _meta(generation: Generation, *, delivery: str, chunks: int | None = None, fixes: list[str] | None = None,
+          prompt_tokens: int | None = None, audio_tokens: int | None = None,
+          output_tokens: int | None = None) -> dict[str, Any]:
+    return {"delivery": delivery, "finish_reason": generation.finish_reason, "model_version": generation.model_version,
+            "prompt_tokens": prompt_tokens if prompt_tokens is not None else generation.prompt_tokens,
+            "audio_tokens": audio_tokens if audio_tokens is not None else generation.audio_tokens,
+            "output_tokens": output_tokens if output_tokens is not None else generation.output_tokens,
+            "chunks": chunks, "fixes": fixes or []}
+
+
+def _piece(ctx: Context, job: Job, recording: Recording, start: float, end: float, index: int) -> InlinePart:
+    """An exact span of the recording, cut locally from the compact copy, as inline audio."""
+    fmt = transcode.FORMATS[recording.converted_format or ctx.settings.conversion.format]
+    folder = ctx.settings.state_dir / "pieces"
+    folder.mkdir(parents=True, exist_ok=True)
+    destination = folder / f"prompt{job.prompt.id}-{index}{fmt.extension}"
+    try:
+        transcode.cut(Path(recording.converted_path or ""), destination, fmt, start, end,
+                      ffmpeg=ctx.settings.conversion.ffmpeg, ffprobe=ctx.settings.conversion.ffprobe)
+        data = destination.read_bytes()
+    finally:
+        destination.unlink(missing_ok=True)
+    if math.ceil(len(data) * 4 / 3) + 4096 > ctx.settings.prompts.inline_limit_bytes:
+        raise Truncated(f"a {end - start:.0f} s piece is too large to send inline")
+    return InlinePart(data, fmt.mime_type)
+
+
+def _answer_span(ctx: Context, job: Job, recording: Recording, runner: PromptRunner) -> tuple[str, dict[str, Any]]:
+    prompt = job.prompt
+    start = prompt.span_start_seconds or 0.0
+    end = min(prompt.span_end_seconds or start, recording.duration_seconds or start)
+    generation = _generate(ctx, job, [_piece(ctx, job, recording, start, end, 0)], runner)
+    mapped = chunking.offset_timestamps(generation.text, start, recording.duration_seconds or end,
+                                        span_seconds=end - start)
+    return mapped.text, _meta(generation, delivery="span", fixes=mapped.fixes)
+
+
+def _answer_chunked(ctx: Context, job: Job, recording: Recording, chunk_seconds: float,
+                    runner: PromptRunner) -> tuple[str, dict[str, Any]]:
+    duration = recording.duration_seconds or 0.0
+    plan = chunking.plan_chunks(duration, chunk_seconds=chunk_seconds,
+                                overlap_seconds=ctx.settings.prompts.chunk_overlap_seconds)
+    pieces: list[tuple[chunking.Chunk, str]] = []
+    totals = {"prompt_tokens": 0, "audio_tokens": 0, "output_tokens": 0}
+    generation: Generation | None = None
+    for chunk in plan:
+        part = _piece(ctx, job, recording, chunk.start, chunk.end, chunk.index)
+        note = (f"{job.prompt.prompt_text}\n(This is part {chunk.index + 1} of {len(plan)}: timestamps start at "
+                "00:00:00 at the beginning of this part.)")
+        generation = _generate(ctx, job, [part], runner, text=note)
+        pieces.append((chunk, generation.text))
+        for key in totals:
+            totals[key] += getattr(generation, key) or 0
+    assert generation is not None
+    stitched = chunking.stitch(pieces, duration)
+    return stitched.text, _meta(generation, delivery="chunks", chunks=len(plan), fixes=stitched.fixes, **totals)
+
+
+def _requeue(ctx: Context, prompt: Prompt, waiting_for: str, when: datetime, **changes: Any) -> None:
+    with session_scope(ctx.sessions) as session:
+        _move(session, prompt.id, P.RUNNING, P.QUEUED, waiting_for=waiting_for, next_attempt_at=when,
+              claimed_until=None, **changes)
+
+
+def _fail(ctx: Context, prompt: Prompt, error: str) -> None:
+    with session_scope(ctx.sessions) as session:
+        _move(session, prompt.id, P.RUNNING, P.FAILED, error=error, waiting_for=None, finished_at=ctx.now(),
+              claimed_until=None)
+    log.warning("prompt %d failed: %s", prompt.id, error)
+
+
+def _handle_error(ctx: Context, job: Job, err: BaseException) -> None:
+    prompt, now = job.prompt, ctx.now()
+    if isinstance(err, Truncated):
+        return _retry_bigger(ctx, job, err.reason)
+    attempts = prompt.attempts + 1
+    decision = policy.decide(err, attempts=attempts, now=now)
+    if decision.action is Action.REUPLOAD:
+        _mark_gone(ctx, job, str(err))
+        return _requeue(ctx, prompt, "a file had expired on the server; uploading it again", now)
+    if decision.action is Action.REENCODE:
+        _reencode(ctx, job, decision.error)
+        return _requeue(ctx, prompt, "the API refused the audio format; converting to the fallback format",
+                        now + timedelta(seconds=WAIT_RECHECK_SECONDS))
+    if decision.action in (Action.WAIT_OFFLINE, Action.WAIT_AUTH, Action.MAKE_ROOM):
+        ctx.waiting.note(decision, now)
+        return _requeue(ctx, prompt, decision.error, decision.retry_at or now)
+    if decision.action is Action.RETRY_LATER:
+        return _requeue(ctx, prompt, f"{decision.error}; retrying", decision.retry_at or now, attempts=attempts)
+    _fail(ctx, prompt, decision.error)
+
+
+def _retry_bigger(ctx: Context, job: Job, reason: str) -> None:
+    """A cut-off answer: first a larger output budget, then (for transcripts) smaller chunks, then fail."""
+    prompt = job.prompt
+    limits = ctx.settings.prompts
+    budget = _budget(ctx, prompt)
+    if budget < limits.max_output_tokens_limit:
+        bigger = min(budget * 2, limits.max_output_tokens_limit)
+        log.info("prompt %d: %s; retrying with %d output tokens", prompt.id, reason, bigger)
+        return _requeue(ctx, prompt, f"{reason}; retrying with {bigger} output tokens", ctx.now(),
+                        max_output_tokens=bigger)
+    chunk = prompt.chunk_seconds or limits.chunk_seconds
+    duration = sum(r.duration_seconds or 0 for r in job.recordings)
+    if prompt.template == "transcribe" and len(job.recordings) == 1 and chunk / 2 >= MIN_CHUNK_SECONDS \
+            and duration > MIN_CHUNK_SECONDS:
+        smaller = min(chunk, duration) / 2
+        log.info("prompt %d: %s; splitting into %.0f s pieces", prompt.id, reason, smaller)
+        return _requeue(ctx, prompt, f"{reason}; splitting into {smaller / 60:.0f}-minute pieces", ctx.now(),
+                        chunk_seconds=smaller)
+    _fail(ctx, prompt, f"{reason}, even with {budget} output tokens; ask over a shorter --from/--to span")
+
+
+def _mark_gone(ctx: Context, job: Job, message: str) -> None:
+    """A 403 on a file we believed active: it is gone; mark it expired so it is uploaded again."""
+    named = set(re.findall(r"File ([a-z0-9]+)", message))
+    now = ctx.now()
+    with session_scope(ctx.sessions) as session:
+        for recording in job.recordings:
+            current = session.get(Recording, recording.id)
+            if current is None or current.state != S.ACTIVE.value:
+                continue
+            if named and (current.remote_name or "").removeprefix("files/") not in named:
+                continue
+            lifecycle.advance(session, current.id, expected=S.ACTIVE, to=S.EXPIRED, now=now,
+                              reason=f"the server no longer has {current.remote_name} (403); uploading it again")
+    ctx.wake("upload")
+
+
+def _reencode(ctx: Context, job: Job, reason: str) -> None:
+    """The API refused the format: each recording is deleted remotely and converted again in the fallback."""
+    fallback = ctx.settings.conversion.fallback_format
+    now = ctx.now()
+    with session_scope(ctx.sessions) as session:
+        for recording in job.recordings:
+            current = session.get(Recording, recording.id)
+            if current is None or current.converted_format == fallback:
+                continue
+            if current.state == S.ACTIVE.value:
+                if ctx.client is not None and current.remote_name:
+                    try:
+                        ctx.client.delete(current.remote_name)
+                    except Exception:  # it expires by itself within 48 hours
+                        pass
+                lifecycle.advance(session, current.id, expected=S.ACTIVE, to=S.EXPIRED, now=now, reason=reason)
+            if current.state in (S.ACTIVE.value, S.EXPIRED.value):
+                lifecycle.advance(session, current.id, expected=S.EXPIRED, to=S.DISCOVERED, now=now,
+                                  reason=f"converting again to {fallback}", target_format=fallback,
+                                  closed_after_write=True)
+
+
+def _store_result(ctx: Context, job: Job, text: str, meta: dict[str, Any]) -> None:
+    """The result goes to results_dir as files (atomically) and into the database; then the prompt is done."""
+    prompt = job.prompt
+    now = ctx.now()
+    names = [Path(r.source_path).name for r in job.recordings]
+    metadata = {
+        "prompt_id": prompt.id, "recordings": names, "recording_ids": [r.id for r in job.recordings],
+        "template": prompt.template, "prompt": prompt.prompt_text, "model": prompt.model,
+        "created_at": prompt.created_at, "finished_at": now,
+        "span_start_seconds": prompt.span_start_seconds, "span_end_seconds": prompt.span_end_seconds, **meta,
+    }
+    text_path, meta_path = results.result_paths(ctx.settings.results_dir, recording_names=names,
+                                                template=prompt.template or "prompt", prompt_id=prompt.id,
+                                                output_format=prompt.output_format)
+    body = results.render_markdown(" + ".join(names), text, metadata) if prompt.output_format == "markdown" else text
+    results.write_result(text_path, meta_path, body, metadata)
+    with session_scope(ctx.sessions) as session:
+        _move(session, prompt.id, P.RUNNING, P.DONE, result_text=text, result_path=str(text_path),
+              finish_reason=meta["finish_reason"], prompt_tokens=meta["prompt_tokens"],
+              audio_tokens=meta["audio_tokens"], output_tokens=meta["output_tokens"], delivery=meta["delivery"],
+              chunks=meta["chunks"], model_version=meta["model_version"], error=None, waiting_for=None,
+              finished_at=now, claimed_until=None)
+    log.info("prompt %d done (%s, %s output tokens): %s", prompt.id, meta["delivery"], meta["output_tokens"],
+             text_path)
