@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 INTAKE_TICK_SECONDS = 0.25
 UPLOAD_TICK_SECONDS = 1.0
-HEARTBEAT_SECONDS = 5.0
+HEARTBEAT_SECONDS = 2.0
 
 
 class AlreadyRunning(DaemonError):

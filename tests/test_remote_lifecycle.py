@@ -123,9 +123,9 @@ def test_a_refused_api_key_makes_everything_wait_without_hammering(tmp_path: Pat
         daemon.start()
         drop(make_batch(tmp_path / "made", 3), daemon.inbox)
         daemon.wait_for_states({"converted": 3})
+        wait_until(lambda: "API key was refused" in (daemon.cli("status", "--json")["daemon"]["waiting_for"] or ""),
+                   15, message="status to say the key was refused")
         time.sleep(3)
-        status = daemon.cli("status", "--json")
-        assert "API key was refused" in status["daemon"]["waiting_for"]
         assert len(emulator.stats.requests) <= 4
         assert API_KEY not in daemon.log()
         daemon.stop()
