@@ -115,7 +115,7 @@ def run(config_path: str | None) -> None:
     settings = settings_or_exit(config_path)
     logs.setup(settings.log_level)
     try:
-        Daemon(settings).run()
+        Daemon(settings, config_path).run()
     except DaemonError as err:
         fail(str(err))
 
@@ -145,7 +145,9 @@ def status(config_path: str | None, as_json: bool) -> None:
     report = {
         "daemon": {"running": running, "pid": state.pid if state and running else None,
                    "heartbeat_at": iso(state.heartbeat_at) if state else None, "waiting_for": waiting,
-                   "offline_since": iso(state.offline_since) if state and running else None},
+                   "offline_since": iso(state.offline_since) if state and running else None,
+                   "unavailable_folders": (state.unavailable_folders or "").splitlines() if state and running
+                   else []},
         "recordings": {name: counts.get(name, 0) for name in STATES},
         "prompts": {name: prompts.get(name, 0) for name in PROMPT_STATES},
         "storage": {"used_bytes": used + foreign, "limit_bytes": settings.gemini.storage_limit_bytes,
@@ -169,6 +171,8 @@ def status(config_path: str | None, as_json: bool) -> None:
         console.print("daemon: [red]not running[/red]" + ("" if session else " (no database yet)"))
     if waiting:
         console.print(f"waiting: {waiting}")
+    for folder in report["daemon"]["unavailable_folders"]:
+        console.print(f"[yellow]unavailable drop folder[/yellow]: {folder}")
     table = Table("recordings", "count", "prompts", "count", box=None)
     for index in range(max(len(STATES), len(PROMPT_STATES))):
         left = STATES[index] if index < len(STATES) else ""
@@ -488,6 +492,27 @@ def doctor(config_path: str | None, as_json: bool, offline: bool) -> None:
         click.echo(checks.render(results))
     if any(result.status == "fail" for result in results):
         sys.exit(1)
+
+
+@main.command()
+@config_option
+@json_option
+@click.argument("paths", metavar="FILE...", nargs=-1, required=True)
+@click.option("--template", "-t", "templates", multiple=True, help="A template to run on each file (repeatable).")
+@click.option("--prompt", "-p", "prompt_text", help="Your own prompt text, run on each file.")
+@click.option("--no-upload", is_flag=True, help="Convert only; upload nothing.")
+def process(config_path: str | None, as_json: bool, paths: tuple[str, ...], templates: tuple[str, ...],
+            prompt_text: str | None, no_upload: bool) -> None:
+    """Convert, upload and prompt the named files now, without the daemon (which must not be running)."""
+    from daemon import process as pipeline
+
+    settings = settings_or_exit(config_path)
+    try:
+        code = pipeline.main(settings, list(paths), templates=list(templates), prompt_text=prompt_text,
+                             upload=not no_upload, as_json=as_json)
+    except DaemonError as err:
+        fail(str(err))
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ READY -> wait for a signal -> orderly stop. No business rules live here."""
 from __future__ import annotations
 
 import errno
+import faulthandler
 import fcntl
 import logging
 import os
@@ -12,7 +13,9 @@ import secrets
 import signal
 import socket
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
@@ -22,9 +25,9 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import select
 
 from daemon import conversion, intake, lifecycle, policy, prompts, remote, systemd, transcode, uploader
-from daemon.config import Settings, find_api_key
+from daemon.config import Settings, find_api_key, load_settings
 from daemon.context import Context
-from daemon.errors import DaemonError
+from daemon.errors import ConfigError, DaemonError
 from daemon.gemini import GeminiClient
 from daemon.lifecycle import RecordingState as S
 from daemon.watcher import Hint, Watcher
@@ -35,6 +38,8 @@ from db.session import make_engine, make_sessionmaker, session_scope, upgrade_to
 log = logging.getLogger(__name__)
 
 INTAKE_TICK_SECONDS = 0.25
+FOLDER_CHECK_SECONDS = 5.0
+SHUTDOWN_GRACE_SECONDS = 5.0
 UPLOAD_TICK_SECONDS = 1.0
 HEARTBEAT_SECONDS = 2.0
 
@@ -64,9 +69,12 @@ def acquire_lock(path: Path) -> IO[str]:
 
 
 class Daemon:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, config_path: str | None = None) -> None:
         self.settings = settings
+        self.config_path = config_path
         self.stop_event = threading.Event()
+        self.reload_requested = threading.Event()
+        self.unavailable: dict[Path, str] = {}
         self.hints: queue.Queue[Hint] = queue.Queue()
         self.scheduler = BackgroundScheduler(timezone=UTC, job_defaults={"coalesce": True, "max_instances": 1,
                                                                          "misfire_grace_time": 30})
@@ -76,6 +84,9 @@ class Daemon:
 
     def run(self) -> None:
         settings = self.settings
+        # Everything the daemon writes is private to its group: state 0750, files 0640 at most.
+        os.umask(0o027)
+        self._install_signal_handlers()
         for folder in (settings.state_dir, settings.results_dir, settings.converted_dir):
             folder.mkdir(parents=True, exist_ok=True, mode=0o750)
         lock = acquire_lock(settings.lock_path)
@@ -103,11 +114,13 @@ class Daemon:
             self.watcher = Watcher(settings, self.hints)
             self.watcher.start()
             self._schedule_jobs()
-            self._install_signal_handlers()
             self.heartbeat()
             systemd.notify("READY=1")
             log.info("audiodrop is running (state in %s)", settings.state_dir)
-            self.stop_event.wait()
+            while not self.stop_event.wait(0.5):
+                if self.reload_requested.is_set():
+                    self.reload_requested.clear()
+                    self.reload()
             self.shutdown()
             engine.dispose()
         finally:
@@ -128,6 +141,7 @@ class Daemon:
             add(self.reconcile, "interval", seconds=self.settings.gemini.reconcile_interval_seconds, id="reconcile",
                 next_run_time=now)
         add(self.heartbeat, "interval", seconds=HEARTBEAT_SECONDS, id="heartbeat")
+        add(self.check_folders, "interval", seconds=FOLDER_CHECK_SECONDS, id="folders")
         interval = systemd.watchdog_interval()
         if interval:
             add(self.watchdog_ping, "interval", seconds=interval, id="watchdog")
@@ -145,9 +159,38 @@ class Daemon:
             log.info("received %s, stopping", signal.Signals(signum).name)
             self.stop_event.set()
 
+        def reload(_signum: int, _frame: FrameType | None) -> None:
+            self.reload_requested.set()
+
         if threading.current_thread() is threading.main_thread():
+            # `kill -USR1 PID` prints every thread's stack to the log: for diagnosing a stuck daemon.
+            faulthandler.register(signal.SIGUSR1, all_threads=True)
             signal.signal(signal.SIGTERM, stop)
             signal.signal(signal.SIGINT, stop)
+            signal.signal(signal.SIGHUP, reload)
+
+    def reload(self) -> None:
+        """SIGHUP: read the configuration again and apply what can change while running (drop folders,
+        templates, limits and timings). The state and results folders need a restart."""
+        try:
+            new = load_settings(self.config_path)
+        except ConfigError as err:
+            log.error("configuration not reloaded, the old one stays in force: %s", err)
+            return
+        if (new.state_dir, new.results_dir) != (self.settings.state_dir, self.settings.results_dir):
+            log.warning("state_dir and results_dir changes take effect after a restart")
+            new = replace(new, state_dir=self.settings.state_dir, results_dir=self.settings.results_dir)
+        self.settings = new
+        self.ctx.settings = new
+        self.watcher.stop()
+        self.watcher = Watcher(new, self.hints)
+        self.watcher.start()
+        self.scheduler.reschedule_job("scan", trigger="interval", seconds=new.intake.scan_interval_seconds)
+        self.wake("scan")
+        log.info("configuration reloaded from %s", new.source or "the defaults")
+
+    def check_folders(self) -> None:
+        self.unavailable = self.watcher.check()
 
     def watchdog_ping(self) -> None:
         """WATCHDOG=1 only while the daemon is healthy: observers alive and the intake job running."""
@@ -158,19 +201,31 @@ class Daemon:
             log.error("a watcher or the intake job stopped; withholding the systemd watchdog ping")
 
     def shutdown(self) -> None:
+        """Stop within seconds: work still in flight after a short grace period is abandoned safely. Its rows
+        stay converting/uploading/running and resume at the next start; temporary files never reach a final name."""
         systemd.notify("STOPPING=1\nSTATUS=stopping")
-        self.scheduler.shutdown(wait=True)
+        self.scheduler.shutdown(wait=False)
         self.watcher.stop()
-        # In-flight conversions are abandoned, not awaited: their rows go back to discovered at the next start
-        # and their temporary files never reach a final name.
-        self.conversions.shutdown(wait=False, cancel_futures=True)
-        self.prompt_runner.shutdown()
-        self.uploader.shutdown()
+        for pool in (self.conversions, self.uploader.pool, self.prompt_runner.pool):
+            pool.shutdown(wait=False, cancel_futures=True)
+        deadline = time.monotonic() + SHUTDOWN_GRACE_SECONDS
+        while time.monotonic() < deadline and self._busy_threads():
+            time.sleep(0.1)
         with session_scope(self.ctx.sessions) as session:
             state = session.get(DaemonState, 1)
             if state is not None:
                 state.stopped_at = self.ctx.now()
+        busy = self._busy_threads()
+        if busy:
+            log.info("audiodrop stopped; abandoned %d task(s) in flight, they resume at the next start", len(busy))
+            logging.shutdown()
+            os._exit(0)  # worker threads cannot be interrupted; the next start picks their work up
         log.info("audiodrop stopped")
+
+    @staticmethod
+    def _busy_threads() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name.startswith(("convert", "upload", "prompt"))
+                and t.is_alive() and t is not threading.current_thread()]
 
     def ensure_instance_id(self) -> str:
         with session_scope(self.ctx.sessions) as session:
@@ -330,6 +385,7 @@ class Daemon:
             state.heartbeat_at = ctx.now()
             state.stopped_at = None
             state.waiting_for = waiting
+            state.unavailable_folders = "\n".join(f"{path}: {why}" for path, why in self.unavailable.items()) or None
             state.offline_since = ctx.waiting.offline_since
             counts = queries.recording_counts(session)
             used = queries.storage_used(session)

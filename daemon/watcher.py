@@ -21,7 +21,7 @@ from watchdog.events import (
     FileSystemEventHandler,
 )
 from watchdog.observers import Observer
-from watchdog.observers.api import BaseObserver
+from watchdog.observers.api import BaseObserver, ObservedWatch
 from watchdog.observers.polling import PollingObserver
 
 from daemon.config import Settings, Watch
@@ -85,48 +85,82 @@ def should_poll(watch: Watch) -> bool:
 
 
 class Watcher:
-    """Owns one observer per kind (inotify, polling) and schedules every existing drop folder on them."""
+    """Owns one observer per kind (inotify, polling) and keeps every drop folder watched: a folder that
+    disappears (an unmounted share) is reported unavailable and watched again when it comes back, and an
+    observer thread that dies is replaced."""
 
     def __init__(self, settings: Settings, hints: queue.Queue[Hint]) -> None:
         self.settings = settings
         self.hints = hints
         self.handler = _Handler(hints)
-        self.observers: list[BaseObserver] = []
-        self.watched: dict[Path, bool] = {}
+        self.observers: dict[bool, BaseObserver] = {}
+        self.handles: dict[Path, ObservedWatch] = {}
+        self.unavailable: dict[Path, str] = {}
 
     def start(self) -> None:
-        native: BaseObserver = Observer()
-        polling: BaseObserver = PollingObserver(timeout=self.settings.intake.poll_interval_seconds)
+        self.observers = {False: Observer(),
+                          True: PollingObserver(timeout=self.settings.intake.poll_interval_seconds)}
+        for observer in self.observers.values():
+            observer.start()
+        for watch in self.settings.watches:
+            self._schedule(watch, announce=False)
+
+    def _schedule(self, watch: Watch, *, announce: bool) -> None:
+        path = Path(os.path.abspath(watch.path))
+        if not path.is_dir() and self.settings.source is None:
+            # Only the default drop folder is created; a configured one that is missing may be an unmounted share.
+            path.mkdir(parents=True, exist_ok=True)
+        if not path.is_dir():
+            if path not in self.unavailable:
+                log.warning("%s: drop folder is unavailable (missing or not mounted); watched again once it "
+                            "comes back", path)
+            self.unavailable[path] = "missing or not mounted"
+            return
+        poll = should_poll(watch)
+        try:
+            self.handles[path] = self.observers[poll].schedule(self.handler, str(path), recursive=watch.recursive)
+        except OSError as err:
+            self.unavailable[path] = str(err)
+            log.error("%s: cannot watch (%s). If this says 'inotify watch limit reached', raise it with "
+                      "`sudo sysctl fs.inotify.max_user_watches=524288`; the folder is still scanned every %.0f s",
+                      path, err, self.settings.intake.scan_interval_seconds)
+            return
+        if self.unavailable.pop(path, None) is not None or announce:
+            self.hints.put(Hint(path, rescan=True))
+        log.info("watching %s (%s%s)", path, "polling" if poll else "inotify", ", recursive" if watch.recursive else "")
+
+    def check(self) -> dict[Path, str]:
+        """Re-watch folders that came back, drop ones that vanished, replace dead observers.
+        Returns the unavailable folders and why."""
+        if not all(observer.is_alive() for observer in self.observers.values()):
+            log.error("a file-system observer stopped; starting new ones")
+            self.stop()
+            self.handles.clear()
+            self.start()
+            for path in list(self.handles):
+                self.hints.put(Hint(path, rescan=True))
         for watch in self.settings.watches:
             path = Path(os.path.abspath(watch.path))
-            try:
-                path.mkdir(parents=True, exist_ok=True)
-            except OSError as err:
-                log.error("%s: drop folder cannot be created (%s); it is skipped until it exists", path, err)
-                continue
-            poll = should_poll(watch)
-            observer = polling if poll else native
-            try:
-                observer.schedule(self.handler, str(path), recursive=watch.recursive)
-            except OSError as err:
-                log.error("%s: cannot watch (%s). If this says 'inotify watch limit reached', raise it with "
-                          "`sysctl fs.inotify.max_user_watches=524288`; the folder is still scanned every %.0f s",
-                          path, err, self.settings.intake.scan_interval_seconds)
-                continue
-            self.watched[path] = poll
-            log.info("watching %s (%s%s)", path, "polling" if poll else "inotify",
-                     ", recursive" if watch.recursive else "")
-        for observer in (native, polling):
-            if observer.emitters:
-                observer.start()
-                self.observers.append(observer)
+            handle = self.handles.get(path)
+            if handle is not None and not path.is_dir():
+                log.warning("%s: drop folder disappeared; watched again once it comes back", path)
+                for observer in self.observers.values():
+                    try:
+                        observer.unschedule(handle)
+                    except (KeyError, ValueError, OSError):
+                        pass
+                del self.handles[path]
+                self.unavailable[path] = "missing or not mounted"
+            elif handle is None:
+                self._schedule(watch, announce=True)
+        return dict(self.unavailable)
 
     def stop(self) -> None:
-        for observer in self.observers:
+        for observer in self.observers.values():
             observer.stop()
-        for observer in self.observers:
-            observer.join(timeout=5)
-        self.observers.clear()
+        for observer in self.observers.values():
+            if observer.is_alive():
+                observer.join(timeout=5)
 
     def alive(self) -> bool:
-        return all(observer.is_alive() for observer in self.observers)
+        return all(observer.is_alive() for observer in self.observers.values())

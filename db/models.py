@@ -177,3 +177,5 @@ class DaemonState(Base):
     # Bytes of files in the project that are not ours (other tools), from the last reconciliation.
     foreign_bytes: Mapped[int | None]
     reconciled_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Drop folders that are missing or unmounted right now, one "path: reason" per line.
+    unavailable_folders: Mapped[str | None] = mapped_column(Text)

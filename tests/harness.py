@@ -52,7 +52,8 @@ class DaemonProcess:
         self.process = subprocess.Popen([sys.executable, "-m", "daemon", "run", "--config", str(self.config_path)],
                                         cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         log.close()
-        wait_until(lambda: self.cli("status", "--json")["daemon"]["running"] or self.exited(), 30,
+        # Ready once its own heartbeat is written (the lock alone is taken before migrations run).
+        wait_until(lambda: self.cli("status", "--json")["daemon"]["pid"] == self.process.pid or self.exited(), 30,
                    message="the daemon to start")
         assert not self.exited(), self.log()
         return self
@@ -100,7 +101,14 @@ class DaemonProcess:
         except AssertionError:
             summary = [(i["id"], Path(i["source_path"]).name, i["state"], i["error"]) for i in self.files()]
             raise AssertionError(f"states never reached {expected}: {summary}\n--- log tail ---\n"
-                                 f"{self.log()[-6000:]}") from None
+                                 f"{self.dump_threads()[-12000:]}") from None
+
+    def dump_threads(self) -> str:
+        """The log, after asking the daemon to print every thread's stack into it (faulthandler on SIGUSR1)."""
+        if self.process is not None and not self.exited():
+            self.process.send_signal(signal.SIGUSR1)
+            time.sleep(0.5)
+        return self.log()
 
 
 def run_cli(config_path: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

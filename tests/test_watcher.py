@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import queue
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from daemon.watcher import Hint, Watcher, filesystem_type
 
 @pytest.fixture
 def watching(tmp_path: Path, settings: Settings) -> Iterator[tuple[Path, queue.Queue[Hint]]]:
+    (tmp_path / "inbox").mkdir()
     hints: queue.Queue[Hint] = queue.Queue()
     watcher = Watcher(settings, hints)
     watcher.start()
@@ -56,3 +58,66 @@ def test_a_folder_moved_in_asks_for_a_rescan(tmp_path: Path, watching: tuple[Pat
 
 def test_local_folders_are_not_network_mounts(tmp_path: Path) -> None:
     assert filesystem_type(tmp_path) not in {"nfs", "cifs", ""}
+
+
+def test_a_folder_that_disappears_is_reported_and_watched_again_when_it_returns(
+        tmp_path: Path, watching: tuple[Path, queue.Queue[Hint]], settings: Settings) -> None:
+    inbox, hints = watching
+    # The fixture's watcher is a different object; drive a second one to observe check() directly.
+    second_hints: queue.Queue[Hint] = queue.Queue()
+    watcher = Watcher(settings, second_hints)
+    watcher.start()
+    try:
+        assert watcher.check() == {}
+        shutil.rmtree(inbox)
+        assert list(watcher.check()) == [inbox]
+        inbox.mkdir()
+        assert watcher.check() == {}
+        assert wait_for(second_hints, lambda h: h.rescan).path == inbox
+        (inbox / "after.wav").write_bytes(b"RIFF")
+        assert wait_for(second_hints, lambda h: h.closed).path == inbox / "after.wav"
+    finally:
+        watcher.stop()
+
+
+def test_a_missing_configured_folder_is_not_created(tmp_path: Path, settings: Settings) -> None:
+    watcher = Watcher(settings, queue.Queue())
+    watcher.start()
+    try:
+        assert list(watcher.check()) == [tmp_path / "inbox"]
+        assert not (tmp_path / "inbox").exists()
+    finally:
+        watcher.stop()
+
+
+def test_a_dead_observer_is_replaced(tmp_path: Path, settings: Settings) -> None:
+    (tmp_path / "inbox").mkdir()
+    hints: queue.Queue[Hint] = queue.Queue()
+    watcher = Watcher(settings, hints)
+    watcher.start()
+    try:
+        native = watcher.observers[False]
+        native.stop()
+        native.join(5)
+        assert not watcher.alive()
+        watcher.check()
+        assert watcher.alive() and watcher.observers[False] is not native
+        (tmp_path / "inbox" / "x.wav").write_bytes(b"RIFF")
+        assert wait_for(hints, lambda h: h.closed).path.name == "x.wav"
+    finally:
+        watcher.stop()
+
+
+def test_polled_folders_see_new_files_without_inotify(tmp_path: Path, make_settings: Callable[..., Settings]) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    settings = make_settings(watch=[{"path": str(inbox), "poll": True}])
+    hints: queue.Queue[Hint] = queue.Queue()
+    watcher = Watcher(settings, hints)
+    watcher.start()
+    try:
+        (inbox / "share.wav").write_bytes(b"RIFF")
+        hint = wait_for(hints, lambda h: h.path.name == "share.wav")
+        assert not hint.closed  # polling never sees a close: the settle period decides
+    finally:
+        watcher.stop()
