@@ -8,7 +8,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 SYSTEM_PACKAGES := ffmpeg espeak-ng
 PYTEST_ARGS ?=
 
-.PHONY: run test setup system-deps bench clean
+.PHONY: run test setup system-deps bench clean install-service
 
 run: setup
 	$(VENV)/bin/audiodrop run $(if $(AUDIODROP_CONFIG),--config "$(AUDIODROP_CONFIG)")
@@ -35,6 +35,10 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[test]'
 	rm -f $(VENV)/.installed-*
 	touch $@
+
+# The system service, in one command (as root): code in /opt/audiodrop, user, config, key, unit, enable --now.
+install-service:
+	bash systemd/install.sh
 
 bench: setup
 	$(VENV)/bin/python -m bench.run_all

@@ -204,3 +204,13 @@ def test_without_a_key_status_says_so_and_no_watchdog_unless_asked(tmp_path: Pat
             daemon.kill()
     assert "WATCHDOG=1" not in notify.lines()
     assert any("no API key" in status for status in notify.statuses()), notify.statuses()
+
+
+def test_the_install_script_parses_and_the_example_config_is_valid() -> None:
+    from daemon.config import load_settings
+
+    root = Path(__file__).resolve().parent.parent
+    assert subprocess.run(["bash", "-n", str(root / "systemd" / "install.sh")]).returncode == 0
+    settings = load_settings(root / "systemd" / "config.example.toml")
+    assert settings.state_dir == Path("/var/lib/audiodrop")
+    assert settings.watches[0].prompts == ("transcribe",)
