@@ -53,6 +53,13 @@ class Waiting:
                 self.quota_problem = decision.error
             self.retry_at = decision.retry_at
 
+    def storage_reconciled(self) -> None:
+        """The server's usage was just read again: uploads retry now, making room from the corrected ledger."""
+        with self.lock:
+            if self.quota_problem:
+                self.quota_problem = None
+                self.retry_at = None
+
     def clear_network_problems(self) -> None:
         """The API answered: it is reachable and the key works."""
         with self.lock:

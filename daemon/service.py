@@ -251,6 +251,7 @@ class Daemon:
             log.warning("reconciliation with the server failed: %s", decision.error)
             return
         self.ctx.waiting.clear_network_problems()
+        self.ctx.waiting.storage_reconciled()
         self.wake("upload")
 
     def recover(self) -> None:

@@ -154,3 +154,51 @@ def test_kill_nine_at_random_moments_loses_nothing_and_duplicates_nothing(tmp_pa
     assert_each_uploaded_once(daemon, emulator, items)
     print(f"kills survived: {kills}; remote files ever created {len(emulator.all_files)}, "
           f"left {len(emulator.files)}; uploads started {emulator.stats.uploads_started}")
+
+
+def test_a_full_project_means_free_space_then_retry_and_other_tools_files_are_kept(tmp_path: Path) -> None:
+    from google import genai
+    from google.genai import types
+
+    limit = 60_000
+    with Emulator(api_key=API_KEY, data_dir=tmp_path / "emulator", storage_limit_bytes=limit) as emulator:
+        daemon = DaemonProcess(tmp_path / "d", base_url=emulator.base_url,
+                               gemini={"storage_limit_bytes": limit, "reconcile_interval_seconds": 3600})
+        daemon.start()
+        # Another tool fills half the project after the daemon's first look at the server.
+        foreign = tmp_path / "other tool.bin"
+        foreign.write_bytes(b"x" * 30_000)
+        with genai.Client(api_key=API_KEY, http_options=types.HttpOptions(base_url=emulator.base_url)) as sdk:
+            sdk.files.upload(file=str(foreign), config={"mime_type": "text/plain", "display_name": "other tool"})
+        drop(make_batch(tmp_path / "made", 6, seconds=8.0), daemon.inbox)  # about 15 kB each
+        started = time.monotonic()
+        items = daemon.wait_for_states(lambda xs: len(xs) == 6 and all(x["state"] in ("active", "expired")
+                                                                       for x in xs), timeout=120)
+        status = daemon.cli("status", "--json")
+        daemon.stop()
+        assert "other tool" in [f.display_name for f in emulator.files]
+        assert emulator.stats.high_water_bytes <= limit
+        assert status["storage"]["foreign_bytes"] == 30_000
+        assert any(x["state"] == "expired" for x in items)
+        for item in items:
+            history = daemon.cli("show", str(item["id"]), "--json")["history"]
+            assert any(event["to"] == "active" for event in history)
+        # The server's storage 429 was met (its RetryInfo says ~2^63 s) and answered by freeing space at once.
+        assert any(status == 429 for _method, path, status in emulator.stats.requests if "upload" in path)
+        assert time.monotonic() - started < 60
+
+
+def test_keep_resident_uploads_expired_recordings_again_by_itself(tmp_path: Path, emulator: Emulator) -> None:
+    daemon = DaemonProcess(tmp_path / "d", base_url=emulator.base_url,
+                           gemini={"keep_resident": True, "reconcile_interval_seconds": 1})
+    daemon.start()
+    drop(make_batch(tmp_path / "made", 2), daemon.inbox)
+    first = {i["id"]: i["remote"]["name"] for i in daemon.wait_for_states({"active": 2})}
+    emulator.clock.advance(49 * 3600)  # the server's 48 hours pass
+    items = daemon.wait_for_states(lambda xs: all(x["state"] == "active" and x["remote"]["name"] != first[x["id"]]
+                                                  for x in xs), timeout=60)
+    daemon.stop()
+    assert len(emulator.files) == 2
+    for item in items:
+        reasons = [e["reason"] for e in daemon.cli("show", str(item["id"]), "--json")["history"]]
+        assert any("gone from the server" in r for r in reasons) and "uploading again" in reasons
