@@ -377,8 +377,10 @@ def dry_run_report(settings: Settings, session: Session, prompt: Prompt) -> dict
             client.close()
     elif not key:
         report["api_note"] = "no API key: estimate only"
+    elif prompt.span_start_seconds is not None:
+        report["api_note"] = "a --from/--to span is cut locally when the prompt runs: estimate only"
     else:
-        report["api_note"] = "not every recording is uploaded: estimate only"
+        report["api_note"] = "not every recording is uploaded yet: estimate only"
     return report
 
 
