@@ -58,6 +58,19 @@ def open_session(settings: Settings, *, write: bool = False) -> Session | None:
     return make_sessionmaker(engine)()
 
 
+def open_row(settings: Settings, model: type[Any], row_id: int, noun: str, *, write: bool = False) -> tuple[Session, Any]:
+    """A session and one row by id, or exit 1 with "no recording with id N" (and why, if no database yet)."""
+    session = open_session(settings, write=write)
+    if session is None:
+        fail(f"no {noun} with id {row_id} (the daemon has not run yet)")
+    assert session is not None
+    row = session.get(model, row_id)
+    if row is None:
+        session.close()
+        fail(f"no {noun} with id {row_id}")
+    return session, row
+
+
 def iso(value: datetime | None) -> str | None:
     return value.astimezone(UTC).isoformat().replace("+00:00", "Z") if value else None
 
@@ -226,15 +239,8 @@ def files(config_path: str | None, as_json: bool, state: str | None) -> None:
 def show(config_path: str | None, as_json: bool, recording_id: int) -> None:
     """One recording and its history."""
     settings = settings_or_exit(config_path)
-    session = open_session(settings)
-    if session is None:
-        fail(f"no recording with id {recording_id} (the daemon has not run yet)")
-    assert session is not None
+    session, recording = open_row(settings, Recording, recording_id, "recording")
     with session:
-        recording = queries.recording_by_id(session, recording_id)
-        if recording is None:
-            fail(f"no recording with id {recording_id}")
-        assert recording is not None
         report = recording_json(recording)
         report["duplicates"] = [{"path": a.path, "seen_at": iso(a.seen_at)} for a in recording.aliases]
         report["history"] = [{"at": iso(e.at), "from": e.from_state, "to": e.to_state, "reason": e.reason}
@@ -439,15 +445,8 @@ def list_prompts(config_path: str | None, as_json: bool, state: str | None) -> N
 def result(config_path: str | None, prompt_id: int) -> None:
     """Print one prompt's result text."""
     settings = settings_or_exit(config_path)
-    session = open_session(settings)
-    if session is None:
-        fail(f"no prompt with id {prompt_id}")
-    assert session is not None
+    session, prompt = open_row(settings, Prompt, prompt_id, "prompt")
     with session:
-        prompt = session.get(Prompt, prompt_id)
-        if prompt is None:
-            fail(f"no prompt with id {prompt_id}")
-        assert prompt is not None
         if prompt.state != "done":
             detail = prompt.error if prompt.state == "failed" else prompt.waiting_for
             fail(f"prompt {prompt_id} is {prompt.state}" + (f": {detail}" if detail else ""))
@@ -462,15 +461,8 @@ def retry(config_path: str | None, recording_id: int) -> None:
     from daemon import lifecycle
 
     settings = settings_or_exit(config_path)
-    session = open_session(settings, write=True)
-    if session is None:
-        fail(f"no recording with id {recording_id} (the daemon has not run yet)")
-    assert session is not None
+    session, recording = open_row(settings, Recording, recording_id, "recording", write=True)
     with session:
-        recording = queries.recording_by_id(session, recording_id)
-        if recording is None:
-            fail(f"no recording with id {recording_id}")
-        assert recording is not None
         if recording.state not in ("failed", "rejected"):
             fail(f"recording {recording_id} is {recording.state}; only failed or rejected recordings can be retried")
         lifecycle.retry(session, recording, now=datetime.now(UTC), reason="retry requested from the command line")

@@ -40,10 +40,6 @@ def daemon_state(session: Session) -> DaemonState | None:
     return session.get(DaemonState, 1)
 
 
-def recording_by_id(session: Session, recording_id: int) -> Recording | None:
-    return session.get(Recording, recording_id)
-
-
 def upload_backlog(session: Session) -> tuple[int, int]:
     """How many converted recordings wait to be uploaded, and their bytes."""
     count, size = session.execute(select(func.count(), func.coalesce(func.sum(Recording.converted_bytes), 0))

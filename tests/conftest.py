@@ -58,3 +58,25 @@ def sessions(settings: Settings) -> Iterator[sessionmaker[Session]]:
     engine = make_engine(settings.database_path)
     yield make_sessionmaker(engine)
     engine.dispose()
+
+
+@pytest.fixture
+def emulator(tmp_path: Path) -> Iterator[Any]:
+    """The loopback Gemini emulator with the harness's API key; fails the test if the emulator itself broke."""
+    from tests.emulator import Emulator
+    from tests.harness import API_KEY
+
+    with Emulator(api_key=API_KEY, data_dir=tmp_path / "emulator") as emu:
+        yield emu
+        assert emu.internal_errors == []
+
+
+@pytest.fixture
+def daemon(tmp_path: Path, emulator: Any) -> Iterator[Any]:
+    """A daemon (not yet started) pointed at the emulator; stopped at the end if still running."""
+    from tests.harness import DaemonProcess
+
+    process = DaemonProcess(tmp_path / "d", base_url=emulator.base_url)
+    yield process
+    if process.process and not process.exited():
+        process.stop()

@@ -2,20 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from tests import media
 from tests.emulator import Emulator, Fault
-from tests.harness import API_KEY, DaemonProcess, wait_until
-
-
-@pytest.fixture
-def emulator(tmp_path: Path) -> Iterator[Emulator]:
-    with Emulator(api_key=API_KEY, data_dir=tmp_path / "emulator") as emu:
-        yield emu
+from tests.harness import DaemonProcess, wait_until
 
 
 def test_kill_during_conversion_then_restart(tmp_path: Path, emulator: Emulator) -> None:

@@ -6,30 +6,13 @@ from __future__ import annotations
 import shutil
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from tests import media
 from tests.emulator import Emulator
-from tests.harness import API_KEY, DaemonProcess, count_states, run_cli, wait_until
+from tests.harness import DaemonProcess, count_states, run_cli, wait_until
 
 SUPPORTED_UPLOAD_TYPES = {"audio/ogg", "audio/mp3", "audio/wav", "audio/flac", "audio/aac", "audio/aiff"}
-
-
-@pytest.fixture
-def emulator(tmp_path: Path) -> Iterator[Emulator]:
-    with Emulator(api_key=API_KEY, data_dir=tmp_path / "emulator") as emu:
-        yield emu
-
-
-@pytest.fixture
-def daemon(tmp_path: Path, emulator: Emulator) -> Iterator[DaemonProcess]:
-    process = DaemonProcess(tmp_path / "d", base_url=emulator.base_url)
-    yield process
-    if process.process and not process.exited():
-        process.stop()
 
 
 def make_inputs(folder: Path) -> dict[str, Path]:

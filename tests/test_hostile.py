@@ -5,28 +5,10 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
 from tests import media
-from tests.emulator import Emulator
-from tests.harness import API_KEY, DaemonProcess, wait_until
-
-
-@pytest.fixture
-def emulator(tmp_path: Path) -> Iterator[Emulator]:
-    with Emulator(api_key=API_KEY, data_dir=tmp_path / "emulator") as emu:
-        yield emu
-
-
-@pytest.fixture
-def daemon(tmp_path: Path, emulator: Emulator) -> Iterator[DaemonProcess]:
-    process = DaemonProcess(tmp_path / "d", base_url=emulator.base_url)
-    yield process
-    if process.process and not process.exited():
-        process.stop()
+from tests.harness import DaemonProcess, wait_until
 
 
 def test_bad_inputs_are_rejected_with_a_reason_and_good_ones_with_odd_names_go_through(

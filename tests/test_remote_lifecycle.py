@@ -5,21 +5,11 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from tests import media
 from tests.emulator import Emulator, Fault
 from tests.harness import API_KEY, DaemonProcess, count_states, wait_until
-
-
-@pytest.fixture
-def emulator(tmp_path: Path) -> Iterator[Emulator]:
-    with Emulator(api_key=API_KEY, data_dir=tmp_path / "emulator") as emu:
-        yield emu
-        assert emu.internal_errors == []
 
 
 def make_batch(folder: Path, count: int, seconds: float = 1.0) -> list[Path]:

@@ -4,21 +4,11 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
-
 
 from tests import media
 from tests.emulator import Emulator
-from tests.harness import API_KEY, DaemonProcess, wait_until
-
-
-@pytest.fixture
-def emulator(tmp_path: Path) -> Iterator[Emulator]:
-    with Emulator(api_key=API_KEY, data_dir=tmp_path / "emulator") as emu:
-        yield emu
+from tests.harness import DaemonProcess, wait_until
 
 
 def test_sigterm_during_a_long_conversion_exits_within_seconds_and_resumes(tmp_path: Path,
@@ -78,4 +68,3 @@ def test_an_unmounted_folder_is_shown_and_watched_again_when_it_returns(tmp_path
     media.make_tone(daemon.inbox / "after.wav", 1.3)
     daemon.wait_for_states({"active": 2})
     daemon.stop()
-
