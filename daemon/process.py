@@ -59,7 +59,7 @@ class Item:
     note: str | None = None  # what it waits for (a key, the network), when it stopped short without failing
     reused: bool = False  # processed before: the same file, or the same content under another name
     done: bool = False
-    state: str | None = None
+    seen_state: str | None = None  # the recording's state when last looked at
     prompt_ids: list[int] = field(default_factory=list)
 
 
@@ -74,13 +74,15 @@ class Pipeline:
     def run(self, args: list[str]) -> list[Item]:
         settings = self.settings
         os.umask(0o027)  # the daemon's private modes for everything written here
-        for folder in (settings.state_dir, settings.results_dir, settings.converted_dir):
-            folder.mkdir(parents=True, exist_ok=True, mode=0o750)
         try:
+            for folder in (settings.state_dir, settings.results_dir, settings.converted_dir):
+                folder.mkdir(parents=True, exist_ok=True, mode=0o750)
             lock = acquire_lock(settings.lock_path)
         except AlreadyRunning:
             raise DaemonError(f"the daemon is running on {settings.state_dir}: drop the files into a watch folder, "
                               "or use `audiodrop ask`") from None
+        except PermissionError as err:
+            raise DaemonError(f"{err.filename}: {err.strerror}", "run this as the user the daemon runs as") from None
         try:
             upgrade_to_head(settings.database_path)
             engine = make_engine(settings.database_path)
@@ -103,7 +105,7 @@ class Pipeline:
                 self.drive(items)
             finally:
                 for pool in (self.converter, self.uploader.pool, self.runner.pool):
-                    pool.shutdown(wait=True)
+                    pool.shutdown(wait=True, cancel_futures=True)  # interrupted: the next start resumes the rest
                 engine.dispose()
             return items
         finally:
@@ -149,7 +151,7 @@ class Pipeline:
                                  for p in session.scalars(select(Prompt).where(Prompt.id.in_(wanted)))}
             for key, pool, function, args in work:  # submitted once the claims are committed
                 self.futures[key] = pool.submit(function, *args)
-            if any(item.state == S.PROCESSING.value for item in items) and time.monotonic() >= next_poll:
+            if any(item.seen_state == S.PROCESSING.value for item in items) and time.monotonic() >= next_poll:
                 uploader.poll_processing(self.ctx)
                 next_poll = time.monotonic() + self.settings.gemini.processing_poll_seconds
             self.report.update(items, prompt_states)
@@ -167,7 +169,7 @@ class Pipeline:
             item.reused, item.done = True, item.recording_id is None
             item.error = None if item.recording_id else f"{name}: the file vanished before it was converted"
             return
-        item.state = state = recording.state
+        item.seen_state = state = recording.state
         rid = recording.id
         if state in (S.DISCOVERED.value, S.UPLOADING.value) and self.claims[(state, rid)] >= MAX_CLAIMS:
             item.done, item.note = True, f"{name}: still {state} (it keeps changing, or the upload was cut off)" \
@@ -184,7 +186,8 @@ class Pipeline:
             item.done, item.error = True, recording.error or f"{name}: {state}"
         elif state in (S.CONVERTED.value, S.EXPIRED.value):
             waiting = ctx.waiting.describe(True)
-            item.done, item.note = True, NO_KEY if self.no_key else f"uploads wait: {waiting}" if waiting else None
+            item.done, item.note = True, NO_KEY if self.no_key else (f"uploads wait ({waiting}); run this again "
+                                                                    "later, or start the daemon") if waiting else None
             if ctx.client is None or waiting:
                 return
             if not remote.make_room(ctx, session, recording.converted_bytes or 0):
@@ -203,6 +206,9 @@ class Pipeline:
 
     def prompt(self, session: Session, item: Item, rid: int, busy: set[tuple[str, int]], work: list[Any]) -> None:
         now = self.ctx.now()
+        if self.specs and self.ctx.client is None:  # uploaded earlier, but no key to prompt with now
+            item.done, item.note = True, "no API key: prompts need one; set GEMINI_API_KEY (or gemini.api_key_file)"
+            return
         if rid not in self.prompt_ids:
             self.prompt_ids[rid] = []
             for template, text in self.specs:
@@ -258,12 +264,12 @@ class Report:
     def update(self, items: list[Item], prompt_states: dict[int, tuple[str, str]]) -> None:
         taken = [item for item in items if item.recording_id is not None]
         uploading = [i for i in taken if i.error is None and i.note is None]
-        counts = [(len(taken), sum(i.done or i.state not in ("discovered", "converting", None) for i in taken)),
-                  (len(uploading), sum(i.state == "active" for i in uploading)),
+        counts = [(len(taken), sum(i.done or i.seen_state not in ("discovered", "converting", None) for i in taken)),
+                  (len(uploading), sum(i.seen_state == "active" for i in uploading)),
                   (len(taken) * self.per_file, sum(s in ("done", "failed") for s, _ in prompt_states.values()))]
         for task, (total, completed) in zip(self.tasks if self.mode == "bars" else [], counts):
             self.bars.update(task, total=total, completed=completed)
-        changes = [(i.arg, i.path.name, i.state) for i in taken] + [
+        changes = [(i.arg, i.path.name, i.seen_state) for i in taken] + [
             (pid, f"{i.path.name}: {prompt_states[pid][1]}", prompt_states[pid][0])
             for i in taken for pid in i.prompt_ids if pid in prompt_states]
         for key, name, state in changes if self.mode == "lines" else []:
