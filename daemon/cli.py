@@ -75,18 +75,19 @@ def iso(value: datetime | None) -> str | None:
     return value.astimezone(UTC).isoformat().replace("+00:00", "Z") if value else None
 
 
-def daemon_running(settings: Settings) -> bool:
-    """True while a daemon holds the state_dir lock."""
+def lock_holder(settings: Settings) -> int | None:
+    """The pid holding the state_dir lock (a daemon, or `audiodrop process`), or None when nobody does."""
     try:
         with open(settings.lock_path, encoding="ascii") as handle:
             try:
                 fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except OSError:
-                return True
+                content = handle.read().strip()
+                return int(content) if content.isdigit() else -1
             fcntl.flock(handle, fcntl.LOCK_UN)
-            return False
+            return None
     except OSError:
-        return False
+        return None
 
 
 def recording_json(recording: Recording) -> dict[str, Any]:
@@ -140,7 +141,8 @@ def status(config_path: str | None, as_json: bool) -> None:
     """Counts by state, storage used, the next expiry and whether the daemon runs."""
     settings = settings_or_exit(config_path)
     session = open_session(settings)
-    running = daemon_running(settings)
+    holder = lock_holder(settings)
+    running = holder is not None
     counts: dict[str, int] = {}
     prompts: dict[str, int] = {}
     used, foreign, upcoming, state, tokens_today = 0, 0, None, None, {"prompt": 0, "audio": 0, "output": 0}
@@ -156,7 +158,7 @@ def status(config_path: str | None, as_json: bool) -> None:
                                                                                    microsecond=0))
     waiting = state.waiting_for if state and running else None
     report = {
-        "daemon": {"running": running, "pid": state.pid if state and running else None,
+        "daemon": {"running": running, "pid": holder if running else None,
                    "heartbeat_at": iso(state.heartbeat_at) if state else None, "waiting_for": waiting,
                    "offline_since": iso(state.offline_since) if state and running else None,
                    "unavailable_folders": (state.unavailable_folders or "").splitlines() if state and running

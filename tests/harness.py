@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -48,13 +49,19 @@ class DaemonProcess:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> DaemonProcess:
+        started = datetime.now(UTC)
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen([sys.executable, "-m", "daemon", "run", "--config", str(self.config_path)],
                                         cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         log.close()
-        # Ready once its own heartbeat is written (the lock alone is taken before migrations run).
-        wait_until(lambda: self.cli("status", "--json")["daemon"]["pid"] == self.process.pid or self.exited(), 30,
-                   message="the daemon to start")
+        # Ready once it has written a heartbeat (the lock alone is taken before migrations run).
+        def ready() -> bool:
+            daemon = self.cli("status", "--json")["daemon"]
+            beat = daemon["heartbeat_at"]
+            return daemon["pid"] == self.process.pid and beat is not None and \
+                datetime.fromisoformat(beat.replace("Z", "+00:00")) >= started
+
+        wait_until(lambda: self.exited() or ready(), 30, message="the daemon to start")
         assert not self.exited(), self.log()
         return self
 
