@@ -16,13 +16,13 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import FrameType
 from typing import IO
 
 from apscheduler.schedulers.background import BackgroundScheduler
-from sqlalchemy import select
+from sqlalchemy import and_, or_, select
 
 from daemon import conversion, intake, lifecycle, policy, prompts, remote, systemd, transcode, uploader
 from daemon.config import Settings, find_api_key, load_settings
@@ -303,9 +303,16 @@ class Daemon:
         if free <= 0:
             return
         claimed: list[int] = []
+        now = ctx.now()
+        rules = self.settings.intake
+        # Only rows the database already sees as settled, a few at a time: files still being written are
+        # followed by their events and the scan, and a large batch must not cost a full read every tick.
+        settled = or_(and_(Recording.closed_after_write.is_(True),
+                           Recording.last_change_at <= now - timedelta(seconds=rules.close_quiet_seconds)),
+                      Recording.last_change_at <= now - timedelta(seconds=rules.settle_seconds))
         with session_scope(ctx.sessions) as session:
-            pending = session.scalars(select(Recording).where(Recording.state == S.DISCOVERED.value)
-                                      .order_by(Recording.id)).all()
+            pending = session.scalars(select(Recording).where(Recording.state == S.DISCOVERED.value, settled)
+                                      .order_by(Recording.id).limit(free * 4)).all()
             for recording in pending:
                 if len(claimed) >= free:
                     break

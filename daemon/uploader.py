@@ -56,7 +56,7 @@ class Uploader:
             stale = session.scalars(select(Recording.id).where(Recording.state == S.UPLOADING.value,
                                                                Recording.id.not_in(busy)).limit(free)).all()
             claimed += [(recording_id, True) for recording_id in stale]
-            for recording, evict in self._candidates(session):
+            for recording, evict in self._candidates(session, free):
                 if len(claimed) >= free:
                     break
                 size = recording.converted_bytes or 0
@@ -77,17 +77,19 @@ class Uploader:
                 self.in_flight.add(recording_id)
             self.pool.submit(self._run, recording_id, resuming)
 
-    def _candidates(self, session: Session) -> list[tuple[Recording, bool]]:
+    def _candidates(self, session: Session, limit: int) -> list[tuple[Recording, bool]]:
         """What to upload, in order, and whether it may evict: expired recordings a prompt needs, new ones,
-        then (keep_resident) the rest of the expired ones, which never evict anything."""
+        then (keep_resident) the rest of the expired ones, which never evict anything. Only as many rows as
+        one tick can start are read: the history of expired recordings grows without end."""
         pinned = remote.pinned_recording_ids(session)
-        expired = session.scalars(select(Recording).where(Recording.state == S.EXPIRED.value)
-                                  .order_by(Recording.id)).all()
-        converted = session.scalars(select(Recording).where(Recording.state == S.CONVERTED.value)
-                                    .order_by(Recording.id)).all()
-        needed = [(r, True) for r in expired if r.id in pinned]
-        resident = [(r, False) for r in expired if r.id not in pinned] if self.ctx.settings.gemini.keep_resident else []
-        return needed + [(r, True) for r in converted] + resident
+        by_state = lambda state: select(Recording).where(Recording.state == state).order_by(Recording.id)  # noqa: E731
+        needed = session.scalars(by_state(S.EXPIRED.value).where(Recording.id.in_(pinned)).limit(limit)).all()
+        converted = session.scalars(by_state(S.CONVERTED.value).limit(limit)).all()
+        resident: list[Recording] = []
+        if self.ctx.settings.gemini.keep_resident:
+            resident = list(session.scalars(by_state(S.EXPIRED.value).where(Recording.id.not_in(pinned))
+                                            .limit(limit)).all())
+        return [(r, True) for r in needed] + [(r, True) for r in converted] + [(r, False) for r in resident]
 
     def _run(self, recording_id: int, resuming: bool) -> None:
         try:

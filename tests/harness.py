@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -31,6 +32,14 @@ def wait_until(condition: Callable[[], Any], timeout: float = 60.0, interval: fl
         time.sleep(interval)
 
 
+_LIBC = ctypes.CDLL(None, use_errno=True)
+
+
+def _die_with_parent() -> None:
+    # A test worker that is killed or interrupted must not leave its daemon running.
+    _LIBC.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 class DaemonProcess:
     """`audiodrop run` in a subprocess, its log in a file next to the config."""
 
@@ -52,7 +61,8 @@ class DaemonProcess:
         started = datetime.now(UTC)
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen([sys.executable, "-m", "daemon", "run", "--config", str(self.config_path)],
-                                        cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+                                        cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                        preexec_fn=_die_with_parent)
         log.close()
         # Ready once it has written a heartbeat (the lock alone is taken before migrations run).
         def ready() -> bool:
