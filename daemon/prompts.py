@@ -11,8 +11,10 @@ output budget, then split, and fails with the reason if that does not help. Prom
 from __future__ import annotations
 
 import enum
+import json
 import logging
 import math
+import os
 import re
 import threading
 import time
@@ -117,7 +119,9 @@ def enqueue(session: Session, request: Request, *, now: datetime) -> Prompt:
             raise QueueError(f"the span {chunking.format_clock(start)}-{chunking.format_clock(end)} is empty")
         if seconds is not None and start >= seconds:
             raise QueueError(f"the span starts after the end of the recording ({chunking.format_clock(seconds)})")
-        seconds = min(end, seconds if seconds is not None else end) - start
+        # --from without --to runs to the end of the recording (an infinite end), unknown until it is converted.
+        if seconds is not None or math.isfinite(end):
+            seconds = min(end, seconds if seconds is not None else end) - start
     splittable = request.template == "transcribe" and len(recordings) == 1 and request.span is None
     if seconds is not None and seconds > MAX_PROMPT_SECONDS and not splittable:
         raise QueueError(f"{seconds / 3600:.1f} hours of audio is more than the 9.5 hours one prompt may hold; "
@@ -126,7 +130,7 @@ def enqueue(session: Session, request: Request, *, now: datetime) -> Prompt:
                     system_instruction=request.system_instruction, model=request.model,
                     output_format=request.output_format,
                     span_start_seconds=request.span[0] if request.span else None,
-                    span_end_seconds=request.span[1] if request.span else None,
+                    span_end_seconds=request.span[1] if request.span and math.isfinite(request.span[1]) else None,
                     estimated_audio_tokens=estimate_audio_tokens(seconds) if seconds is not None else None,
                     created_at=now, attempts=0)
     session.add(prompt)
@@ -272,8 +276,53 @@ def _budget(ctx: Context, prompt: Prompt) -> int:
     return prompt.max_output_tokens or ctx.settings.prompts.max_output_tokens
 
 
+def planned_delivery(settings: Settings, prompt: Prompt, recordings: list[Recording], *, shared: bool) -> str:
+    """How the prompt's audio will travel: "span" and "chunks" are cut locally, "inline" goes in the request,
+    "files" needs live remote copies. `shared`: another queued prompt needs the same recording."""
+    single = recordings[0] if len(recordings) == 1 else None
+    if single is None:
+        return "files"
+    if prompt.span_start_seconds is not None:
+        return "span"
+    chunk_seconds = prompt.chunk_seconds or settings.prompts.chunk_seconds
+    if prompt.template == "transcribe" and (single.duration_seconds or 0) > chunk_seconds * 1.1:
+        return "chunks"
+    # Inline saves a (re-)upload for a small recording whose remote copy is not live and no other prompt needs.
+    request_bytes = math.ceil((single.converted_bytes or 0) * 4 / 3) + len(prompt.prompt_text.encode()) + 4096
+    if settings.prompts.inline == "auto" and not shared and single.state != S.ACTIVE.value \
+            and single.converted_bytes and request_bytes <= settings.prompts.inline_limit_bytes:
+        return "inline"
+    return "files"
+
+
+def needs_remote_copies(session: Session, settings: Settings) -> set[int]:
+    """Recordings whose remote copy a queued or running prompt will use: never evicted, re-uploaded when expired."""
+    active_prompts = session.scalars(select(Prompt).where(Prompt.state.in_((P.QUEUED.value, P.RUNNING.value)))).all()
+    users: dict[int, int] = defaultdict(int)
+    for prompt in active_prompts:
+        for link in prompt.recordings:
+            users[link.recording_id] += 1
+    needed: set[int] = set()
+    for prompt in active_prompts:
+        ids = [link.recording_id for link in prompt.recordings]
+        recordings = [r for r in (session.get(Recording, rid) for rid in ids) if r is not None]
+        shared = any(users[rid] > 1 for rid in ids)
+        if planned_delivery(settings, prompt, recordings, shared=shared) == "files":
+            needed.update(ids)
+    return needed
+
+
+def _shared(ctx: Context, job: Job) -> bool:
+    ids = [r.id for r in job.recordings]
+    with session_scope(ctx.sessions) as session:
+        other = session.scalar(select(PromptRecording.prompt_id).join(Prompt).where(
+            PromptRecording.recording_id.in_(ids), Prompt.id != job.prompt.id,
+            Prompt.state.in_((P.QUEUED.value, P.RUNNING.value))).limit(1))
+    return other is not None
+
+
 def answer(ctx: Context, job: Job, runner: PromptRunner) -> tuple[str, dict[str, Any]]:
-    """The model's answer for the job, by the right path: cut pieces, inline, or the Files API."""
+    """The model's answer for the job, by its planned path: cut pieces, inline, or the Files API."""
     prompt, recordings = job.prompt, job.recordings
     rejected = [r for r in recordings if r.state == S.REJECTED.value]
     if rejected:
@@ -281,13 +330,13 @@ def answer(ctx: Context, job: Job, runner: PromptRunner) -> tuple[str, dict[str,
     not_converted = [r for r in recordings if not r.converted_path or r.duration_seconds is None]
     if not_converted:
         raise NotReady(f"recording {not_converted[0].id} is not converted yet ({not_converted[0].state})")
-    chunk_seconds = prompt.chunk_seconds or ctx.settings.prompts.chunk_seconds
-    single = recordings[0] if len(recordings) == 1 else None
-    if single is not None and prompt.span_start_seconds is not None:
+    delivery = planned_delivery(ctx.settings, prompt, recordings, shared=_shared(ctx, job))
+    single = recordings[0]
+    if delivery == "span":
         return _answer_span(ctx, job, single, runner)
-    if single is not None and prompt.template == "transcribe" and (single.duration_seconds or 0) > chunk_seconds * 1.1:
-        return _answer_chunked(ctx, job, single, chunk_seconds, runner)
-    if single is not None and _inline_fits(ctx, job, single):
+    if delivery == "chunks":
+        return _answer_chunked(ctx, job, single, prompt.chunk_seconds or ctx.settings.prompts.chunk_seconds, runner)
+    if delivery == "inline":
         data = Path(single.converted_path or "").read_bytes()
         generation = _generate(ctx, job, [InlinePart(data, single.converted_mime or "audio/ogg")], runner)
         return generation.text, _meta(generation, delivery="inline")
@@ -295,20 +344,6 @@ def answer(ctx: Context, job: Job, runner: PromptRunner) -> tuple[str, dict[str,
                                                 _ready_remote(ctx, job)]
     generation = _generate(ctx, job, parts, runner)
     return generation.text, _meta(generation, delivery="files")
-
-
-def _inline_fits(ctx: Context, job: Job, recording: Recording) -> bool:
-    """Inline saves a (re-)upload for a small recording whose remote copy is not live and no other prompt needs."""
-    if ctx.settings.prompts.inline != "auto" or recording.state == S.ACTIVE.value:
-        return False
-    request_bytes = math.ceil((recording.converted_bytes or 0) * 4 / 3) + len(job.prompt.prompt_text.encode()) + 4096
-    if request_bytes > ctx.settings.prompts.inline_limit_bytes:
-        return False
-    with session_scope(ctx.sessions) as session:
-        others = session.scalar(select(PromptRecording.prompt_id).join(Prompt).where(
-            PromptRecording.recording_id == recording.id, Prompt.id != job.prompt.id,
-            Prompt.state.in_((P.QUEUED.value, P.RUNNING.value))).limit(1))
-    return others is None
 
 
 def _ready_remote(ctx: Context, job: Job) -> list[Recording]:
@@ -336,9 +371,13 @@ def _ready_remote(ctx: Context, job: Job) -> list[Recording]:
 
 
 def _generate(ctx: Context, job: Job, parts: list[FilePart | InlinePart | str], runner: PromptRunner,
-              *, text: str | None = None) -> Generation:
+              *, text: str | None = None, wait_for_slot: bool = False) -> Generation:
     prompt = job.prompt
     wait = runner.take_request_slot(prompt.model)
+    while wait and wait_for_slot:
+        # Inside a chunked transcript: keep the chunks already answered and wait for the next request slot.
+        time.sleep(min(wait, 5.0))
+        wait = runner.take_request_slot(prompt.model)
     if wait:
         raise NotReady(f"rate limit: at most {ctx.settings.prompts.requests_per_minute} requests a minute to "
                        f"{prompt.model}; next in {wait:.0f} s")
@@ -384,32 +423,56 @@ def _piece(ctx: Context, job: Job, recording: Recording, start: float, end: floa
 def _answer_span(ctx: Context, job: Job, recording: Recording, runner: PromptRunner) -> tuple[str, dict[str, Any]]:
     prompt = job.prompt
     start = prompt.span_start_seconds or 0.0
-    end = min(prompt.span_end_seconds or start, recording.duration_seconds or start)
+    end = min(prompt.span_end_seconds if prompt.span_end_seconds is not None else math.inf,
+              recording.duration_seconds or start)
     generation = _generate(ctx, job, [_piece(ctx, job, recording, start, end, 0)], runner)
     mapped = chunking.offset_timestamps(generation.text, start, recording.duration_seconds or end,
                                         span_seconds=end - start)
     return mapped.text, _meta(generation, delivery="span", fixes=mapped.fixes)
 
 
+def _chunk_cache(ctx: Context, job: Job, chunk: chunking.Chunk) -> Path:
+    return ctx.settings.state_dir / "pieces" / f"prompt{job.prompt.id}-{chunk.start:.3f}-{chunk.end:.3f}.json"
+
+
 def _answer_chunked(ctx: Context, job: Job, recording: Recording, chunk_seconds: float,
                     runner: PromptRunner) -> tuple[str, dict[str, Any]]:
+    """Each chunk's answer is kept on disk as soon as it arrives, so a retry (after a 429, a crash, a cut-off
+    chunk) sends only the chunks not yet answered, and bills their audio once."""
     duration = recording.duration_seconds or 0.0
     plan = chunking.plan_chunks(duration, chunk_seconds=chunk_seconds,
                                 overlap_seconds=ctx.settings.prompts.chunk_overlap_seconds)
     pieces: list[tuple[chunking.Chunk, str]] = []
     totals = {"prompt_tokens": 0, "audio_tokens": 0, "output_tokens": 0}
-    generation: Generation | None = None
+    model_version = None
     for chunk in plan:
-        part = _piece(ctx, job, recording, chunk.start, chunk.end, chunk.index)
-        note = (f"{job.prompt.prompt_text}\n(This is part {chunk.index + 1} of {len(plan)}: timestamps start at "
-                "00:00:00 at the beginning of this part.)")
-        generation = _generate(ctx, job, [part], runner, text=note)
-        pieces.append((chunk, generation.text))
+        cache = _chunk_cache(ctx, job, chunk)
+        if cache.exists():
+            kept = json.loads(cache.read_text(encoding="utf-8"))
+        else:
+            part = _piece(ctx, job, recording, chunk.start, chunk.end, chunk.index)
+            note = (f"{job.prompt.prompt_text}\n(This is part {chunk.index + 1} of {len(plan)}: timestamps start "
+                    "at 00:00:00 at the beginning of this part.)")
+            generation = _generate(ctx, job, [part], runner, text=note, wait_for_slot=True)
+            kept = {"text": generation.text, "model_version": generation.model_version,
+                    **{key: getattr(generation, key) or 0 for key in totals}}
+            temporary = cache.with_suffix(".partial")
+            temporary.write_text(json.dumps(kept), encoding="utf-8")
+            os.replace(temporary, cache)
+        pieces.append((chunk, kept["text"]))
+        model_version = kept["model_version"]
         for key in totals:
-            totals[key] += getattr(generation, key) or 0
-    assert generation is not None
+            totals[key] += kept[key]
     stitched = chunking.stitch(pieces, duration)
-    return stitched.text, _meta(generation, delivery="chunks", chunks=len(plan), fixes=stitched.fixes, **totals)
+    final = Generation(text=stitched.text, finish_reason="STOP", model_version=model_version, **{
+        "prompt_tokens": totals["prompt_tokens"], "audio_tokens": totals["audio_tokens"],
+        "output_tokens": totals["output_tokens"]})
+    return stitched.text, _meta(final, delivery="chunks", chunks=len(plan), fixes=stitched.fixes)
+
+
+def _forget_chunks(ctx: Context, prompt: Prompt) -> None:
+    for cache in (ctx.settings.state_dir / "pieces").glob(f"prompt{prompt.id}-*.json"):
+        cache.unlink(missing_ok=True)
 
 
 def _requeue(ctx: Context, prompt: Prompt, waiting_for: str, when: datetime, **changes: Any) -> None:
@@ -419,6 +482,7 @@ def _requeue(ctx: Context, prompt: Prompt, waiting_for: str, when: datetime, **c
 
 
 def _fail(ctx: Context, prompt: Prompt, error: str) -> None:
+    _forget_chunks(ctx, prompt)
     with session_scope(ctx.sessions) as session:
         _move(session, prompt.id, P.RUNNING, P.FAILED, error=error, waiting_for=None, finished_at=ctx.now(),
               claimed_until=None)
@@ -527,5 +591,6 @@ def _store_result(ctx: Context, job: Job, text: str, meta: dict[str, Any]) -> No
               audio_tokens=meta["audio_tokens"], output_tokens=meta["output_tokens"], delivery=meta["delivery"],
               chunks=meta["chunks"], model_version=meta["model_version"], error=None, waiting_for=None,
               finished_at=now, claimed_until=None)
+    _forget_chunks(ctx, prompt)
     log.info("prompt %d done (%s, %s output tokens): %s", prompt.id, meta["delivery"], meta["output_tokens"],
              text_path)

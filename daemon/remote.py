@@ -10,22 +10,15 @@ from datetime import datetime
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from daemon import lifecycle, quota
+from daemon import lifecycle, prompts, quota
 from daemon.context import Context
 from daemon.errors import DaemonError, RemoteFileGone
 from daemon.gemini import RemoteFile, display_prefix
 from daemon.lifecycle import RecordingState as S
-from db.models import DaemonState, Prompt, PromptRecording, Recording
+from db.models import DaemonState, Recording
 from db.session import session_scope
 
 log = logging.getLogger(__name__)
-
-
-def pinned_recording_ids(session: Session) -> set[int]:
-    """Recordings a queued or running prompt needs: never evicted, re-uploaded when expired."""
-    rows = session.scalars(select(PromptRecording.recording_id).join(Prompt)
-                           .where(Prompt.state.in_(("queued", "running"))))
-    return set(rows)
 
 
 def ours_bytes(session: Session) -> int:
@@ -52,7 +45,7 @@ def make_room(ctx: Context, session: Session, size: int, *, evict: bool = True) 
         return True
     if not evict:
         return False
-    pinned = pinned_recording_ids(session)
+    pinned = prompts.needs_remote_copies(session, ctx.settings)
     active = session.scalars(select(Recording).where(Recording.state == S.ACTIVE.value)).all()
     residents = [quota.Resident(r.id, r.remote_bytes or 0, r.last_needed_at, r.uploaded_at, r.id in pinned)
                  for r in active]

@@ -16,7 +16,7 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from daemon import lifecycle, policy, quota, remote
+from daemon import lifecycle, policy, prompts, quota, remote
 from daemon.context import Context
 from daemon.errors import PermanentError
 from daemon.gemini import RemoteFile, display_name_for
@@ -81,7 +81,7 @@ class Uploader:
         """What to upload, in order, and whether it may evict: expired recordings a prompt needs, new ones,
         then (keep_resident) the rest of the expired ones, which never evict anything. Only as many rows as
         one tick can start are read: the history of expired recordings grows without end."""
-        pinned = remote.pinned_recording_ids(session)
+        pinned = prompts.needs_remote_copies(session, self.ctx.settings)
         by_state = lambda state: select(Recording).where(Recording.state == state).order_by(Recording.id)  # noqa: E731
         needed = session.scalars(by_state(S.EXPIRED.value).where(Recording.id.in_(pinned)).limit(limit)).all()
         converted = session.scalars(by_state(S.CONVERTED.value).limit(limit)).all()
