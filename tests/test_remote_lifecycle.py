@@ -40,7 +40,6 @@ def test_storage_limit_is_never_passed_and_every_recording_gets_uploaded(tmp_pat
         drop(batch, daemon.inbox)
         items = daemon.wait_for_states(lambda xs: len(xs) == 12 and all(
             x["state"] in ("active", "expired") for x in xs), timeout=90)
-        daemon.stop()
         assert emulator.stats.high_water_bytes <= limit
         assert sum(f.size_bytes for f in emulator.files) <= limit
         counts = count_states(items)
@@ -53,6 +52,14 @@ def test_storage_limit_is_never_passed_and_every_recording_gets_uploaded(tmp_pat
         # Oldest first: the evicted ones are the first uploaded.
         evicted = sorted(i["id"] for i in items if i["state"] == "expired")
         assert evicted == list(range(1, len(evicted) + 1))
+        # A prompt over two evicted recordings (two files, so not inline) needs them resident again.
+        evicted_ids = sorted(str(i["id"]) for i in items if i["state"] == "expired")[:2]
+        answer = daemon.cli("ask", *evicted_ids, "--prompt", "Compare these.", "--wait", "--timeout", "50", "--json")
+        daemon.stop()
+        assert answer["state"] == "done" and answer["delivery"] == "files", answer
+        assert emulator.stats.high_water_bytes <= limit
+        print(f"storage limit {limit} B, {len(batch)} recordings, emulator high-water {emulator.stats.high_water_bytes} B,"
+              f" uploads {emulator.stats.uploads_started}")
 
 
 def test_fifty_recordings_through_5xx_429_and_dropped_chunks(tmp_path: Path, emulator: Emulator) -> None:
