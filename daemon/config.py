@@ -88,6 +88,9 @@ class PromptSettings:
     chunk_overlap_seconds: float = 10.0
     requests_per_minute: int = 10
     workers: int = 2
+    # Thinking models spend part of max_output_tokens thinking before they answer, which can cut a transcript
+    # short; this caps it. -1 leaves it to the model (for models that do not think, or to let it think freely).
+    thinking_budget: int = 1024
 
 
 @dataclass(frozen=True)
@@ -344,7 +347,11 @@ def _read_prompts(read: _Reader, table: dict[str, Any]) -> PromptSettings:
         chunk_overlap_seconds=read.get(table, "chunk_overlap_seconds", p, float, d.chunk_overlap_seconds),
         requests_per_minute=read.positive(table, "requests_per_minute", p, int, d.requests_per_minute),
         workers=read.positive(table, "workers", p, int, d.workers),
+        thinking_budget=read.get(table, "thinking_budget", p, int, d.thinking_budget),
     )
+    if settings.thinking_budget < -1:
+        read.problems.append(f"{p}thinking_budget: expected -1 (the model decides), 0 (no thinking) or more, "
+                             f"got {settings.thinking_budget}")
     if settings.inline not in ("auto", "never"):
         read.problems.append(f"{p}inline: expected auto or never, got {settings.inline!r}")
     return settings

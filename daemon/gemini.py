@@ -76,6 +76,7 @@ class Generation:
     audio_tokens: int | None
     output_tokens: int | None
     model_version: str | None
+    thinking_tokens: int | None = None  # billed as output, not part of the text
 
 
 def _contents(parts: list[FilePart | InlinePart | str]) -> list[types.Part]:
@@ -229,9 +230,11 @@ class GeminiClient:
             return [_remote(f) for f in self._client.files.list(config={"page_size": 100})]
 
     def generate(self, model: str, parts: list[FilePart | InlinePart | str], *,
-                 system_instruction: str | None = None, max_output_tokens: int | None = None) -> Generation:
+                 system_instruction: str | None = None, max_output_tokens: int | None = None,
+                 thinking_budget: int | None = None) -> Generation:
+        thinking = types.ThinkingConfig(thinking_budget=thinking_budget) if thinking_budget is not None else None
         config = types.GenerateContentConfig(system_instruction=system_instruction,
-                                             max_output_tokens=max_output_tokens)
+                                             max_output_tokens=max_output_tokens, thinking_config=thinking)
         with convert_api_errors(f"prompt to {model}"):
             response = self._client.models.generate_content(model=model, contents=_contents(parts), config=config)
         candidate = response.candidates[0] if response.candidates else None
@@ -244,7 +247,8 @@ class GeminiClient:
         return Generation(text=response.text or "", finish_reason=reason,
                           prompt_tokens=usage.prompt_token_count if usage else None, audio_tokens=audio,
                           output_tokens=usage.candidates_token_count if usage else None,
-                          model_version=response.model_version)
+                          model_version=response.model_version,
+                          thinking_tokens=usage.thoughts_token_count if usage else None)
 
     def count_tokens(self, model: str, parts: list[FilePart | InlinePart | str]) -> int:
         with convert_api_errors(f"countTokens on {model}"):

@@ -41,8 +41,10 @@ from db.session import session_scope
 log = logging.getLogger(__name__)
 
 AUDIO_TOKENS_PER_SECOND = 32
-MAX_PROMPT_SECONDS = 9.5 * 3600
+MAX_PROMPT_SECONDS = chunking.MAX_PROMPT_SECONDS
 MIN_CHUNK_SECONDS = 120.0
+# A transcript whose timestamps stop before this share of its audio is flagged: its end may be missing.
+LOW_COVERAGE = 0.8
 WAIT_RECHECK_SECONDS = 2.0
 
 
@@ -269,11 +271,39 @@ def run_prompt(ctx: Context, prompt_id: int, runner: PromptRunner) -> None:
     except Exception as err:
         _handle_error(ctx, job, err)
         return
+    _check_coverage(job, text, meta)
     _store_result(ctx, job, text, meta)
+
+
+def _check_coverage(job: Job, text: str, meta: dict[str, Any]) -> None:
+    """How far a transcript's timestamps reach into its audio. Models sometimes stop early with a STOP finish
+    (9 of 73 minutes transcribed): the result says so instead of looking complete. A recording that ends in
+    silence scores low too, which is why this warns rather than fails."""
+    prompt = job.prompt
+    duration = job.recordings[0].duration_seconds if len(job.recordings) == 1 else None
+    if prompt.template != "transcribe" or not duration:
+        return
+    start = prompt.span_start_seconds or 0.0
+    end = min(prompt.span_end_seconds if prompt.span_end_seconds is not None else duration, duration)
+    if end - start < MIN_CHUNK_SECONDS:
+        return  # a short clip's last line may well start long before its end
+    share = chunking.coverage(chunking.parse_transcript(text), end, start_seconds=start)
+    meta["coverage"] = round(share, 3)
+    if share < LOW_COVERAGE:
+        reached = chunking.format_clock(start + share * (end - start))
+        warning = (f"the transcript's timestamps stop at {reached} of {chunking.format_clock(end)}: "
+                   "its end may be missing (or the recording ends in silence)")
+        meta["warnings"] = [*meta.get("warnings", []), warning]
+        log.warning("prompt %d: %s", prompt.id, warning)
 
 
 def _budget(ctx: Context, prompt: Prompt) -> int:
     return prompt.max_output_tokens or ctx.settings.prompts.max_output_tokens
+
+
+def _thinking_budget(ctx: Context) -> int | None:
+    budget = ctx.settings.prompts.thinking_budget
+    return None if budget < 0 else budget
 
 
 def planned_delivery(settings: Settings, prompt: Prompt, recordings: list[Recording], *, shared: bool) -> str:
@@ -384,7 +414,8 @@ def _generate(ctx: Context, job: Job, parts: list[FilePart | InlinePart | str], 
     assert ctx.client is not None
     generation = ctx.client.generate(prompt.model, [*parts, text or prompt.prompt_text],
                                      system_instruction=prompt.system_instruction,
-                                     max_output_tokens=_budget(ctx, prompt))
+                                     max_output_tokens=_budget(ctx, prompt),
+                                     thinking_budget=_thinking_budget(ctx))
     ctx.waiting.clear_network_problems()
     if generation.finish_reason != "STOP":
         raise Truncated(f"the answer stopped early (finish reason {generation.finish_reason})")
@@ -400,7 +431,7 @@ def _meta(generation: Generation, *, delivery: str, chunks: int | None = None, f
             "prompt_tokens": prompt_tokens if prompt_tokens is not None else generation.prompt_tokens,
             "audio_tokens": audio_tokens if audio_tokens is not None else generation.audio_tokens,
             "output_tokens": output_tokens if output_tokens is not None else generation.output_tokens,
-            "chunks": chunks, "fixes": fixes or []}
+            "thinking_tokens": generation.thinking_tokens, "chunks": chunks, "fixes": fixes or []}
 
 
 def _piece(ctx: Context, job: Job, recording: Recording, start: float, end: float, index: int) -> InlinePart:
@@ -443,7 +474,7 @@ def _answer_chunked(ctx: Context, job: Job, recording: Recording, chunk_seconds:
     plan = chunking.plan_chunks(duration, chunk_seconds=chunk_seconds,
                                 overlap_seconds=ctx.settings.prompts.chunk_overlap_seconds)
     pieces: list[tuple[chunking.Chunk, str]] = []
-    totals = {"prompt_tokens": 0, "audio_tokens": 0, "output_tokens": 0}
+    totals = {"prompt_tokens": 0, "audio_tokens": 0, "output_tokens": 0, "thinking_tokens": 0}
     model_version = None
     for chunk in plan:
         cache = _chunk_cache(ctx, job, chunk)
@@ -462,11 +493,9 @@ def _answer_chunked(ctx: Context, job: Job, recording: Recording, chunk_seconds:
         pieces.append((chunk, kept["text"]))
         model_version = kept["model_version"]
         for key in totals:
-            totals[key] += kept[key]
+            totals[key] += kept.get(key, 0)
     stitched = chunking.stitch(pieces, duration)
-    final = Generation(text=stitched.text, finish_reason="STOP", model_version=model_version, **{
-        "prompt_tokens": totals["prompt_tokens"], "audio_tokens": totals["audio_tokens"],
-        "output_tokens": totals["output_tokens"]})
+    final = Generation(text=stitched.text, finish_reason="STOP", model_version=model_version, **totals)
     return stitched.text, _meta(final, delivery="chunks", chunks=len(plan), fixes=stitched.fixes)
 
 

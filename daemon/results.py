@@ -199,7 +199,7 @@ def render_markdown(title: str, text: str, metadata: Mapping[str, Any]) -> str:
 
     Reads these metadata keys when present (the prompts table's column names): recordings, template, model,
     prompt_id, finished_at (else created_at), span_start_seconds/span_end_seconds, prompt_tokens, audio_tokens,
-    output_tokens, finish_reason, fixes.
+    output_tokens, finish_reason, fixes, warnings.
     """
     header = [f"# {_one_line(title) or 'Result'}", ""]
     header += [f"- {label}: {value}" for label, value in _header_fields(metadata) if value]
@@ -221,6 +221,7 @@ def _header_fields(metadata: Mapping[str, Any]) -> list[tuple[str, str]]:
         ("Finish reason", f"{finish}" + ("" if finish in (None, "STOP") else " (the answer may be incomplete)")
          if finish else ""),
         ("Corrections", "; ".join(_one_line(str(fix)) for fix in metadata.get("fixes") or [])),
+        ("Warning", "; ".join(_one_line(str(warning)) for warning in metadata.get("warnings") or [])),
     ]
 
 

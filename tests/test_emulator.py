@@ -311,6 +311,25 @@ def test_max_tokens_truncation(client, emu):
     assert r.text == "Emulated reply to: hello"
 
 
+def test_thinking_tokens_come_out_of_the_output_budget_and_a_thinking_budget_caps_them(client, emu):
+    emu.thinking_tokens = 50
+    emu.responder = lambda rec: "word " * 20                           # 25 tokens of answer
+    r = client.models.generate_content(model="gemini-2.5-flash", contents="hello",
+                                       config={"max_output_tokens": 60})
+    assert r.candidates[0].finish_reason == types.FinishReason.MAX_TOKENS
+    assert r.text == ("word " * 20)[:40]                                # 60 - 50 thinking = 10 tokens left
+    assert r.usage_metadata.thoughts_token_count == 50
+    r = client.models.generate_content(model="gemini-2.5-flash", contents="hello", config=types.GenerateContentConfig(
+        max_output_tokens=60, thinking_config=types.ThinkingConfig(thinking_budget=20)))
+    assert r.candidates[0].finish_reason == types.FinishReason.STOP and r.text == "word " * 20
+    assert r.usage_metadata.thoughts_token_count == 20
+    assert r.usage_metadata.total_token_count == r.usage_metadata.prompt_token_count + 25 + 20
+    with pytest.raises(errors.ClientError) as refused:
+        client.models.generate_content(model="gemini-2.5-pro", contents="hello", config=types.GenerateContentConfig(
+            thinking_config=types.ThinkingConfig(thinking_budget=0)))
+    assert refused.value.code == 400 and "only works in thinking mode" in refused.value.message
+
+
 def test_count_tokens(client, emu, wav):
     f = client.files.upload(file=wav)
     r = client.models.count_tokens(model="gemini-2.5-flash", contents=[f, "Transcribe"])

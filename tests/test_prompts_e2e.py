@@ -550,6 +550,51 @@ def test_a_cut_off_transcript_is_retried_with_a_bigger_budget_then_split_and_com
     assert times == [0, 30, 60, 90, 120, 150, 175, 205, 235, 265, 295]
 
 
+@pytest.mark.parametrize(("thinking_budget", "budgets_sent", "thoughts"), [
+    (None, [2048], 1024),              # the default budget: thinking leaves room for the answer
+    (-1, [2048, 4096, 8192], 5000),    # left to the model: it thinks 5000 tokens and cuts the answer off twice
+])
+def test_thinking_is_held_to_its_budget_so_it_does_not_eat_the_answer(
+        tmp_path: Path, emulator: Emulator, start: Callable[..., DaemonProcess], thinking_budget: int | None,
+        budgets_sent: list[int], thoughts: int) -> None:
+    emulator.thinking_tokens = 5000
+    settings: dict[str, Any] = {"max_output_tokens": 2048}
+    if thinking_budget is not None:
+        settings["thinking_budget"] = thinking_budget
+    daemon = start(emulator, prompts=settings)
+    media.make_tone(tmp_path / "memo.wav", 3.0).rename(daemon.inbox / "memo.wav")
+    [recording] = wait_recordings(daemon, lambda xs: len(xs) == 1 and xs[0]["duration_seconds"])
+
+    item = ask(daemon, str(recording["id"]), "--template", "transcribe")
+
+    sent = emulator.generate_requests
+    assert [r.generation_config.get("maxOutputTokens") for r in sent] == budgets_sent
+    expected_config = None if thinking_budget == -1 else {"thinkingBudget": 1024}
+    assert {str(r.generation_config.get("thinkingConfig")) for r in sent} == {str(expected_config)}
+    assert item["state"] == "done"
+    meta = json.loads(Path(item["result_path"]).with_name("memo.transcribe.meta.json").read_text())
+    assert meta["thinking_tokens"] == thoughts
+
+
+def test_a_transcript_that_stops_long_before_the_end_is_flagged_in_the_result(
+        tmp_path: Path, emulator: Emulator, start: Callable[..., DaemonProcess]) -> None:
+    # The model answers STOP after the first minute of a four-minute recording (it gave up early).
+    emulator.responder = lambda rec: "[00:00:00] Speaker 1: Good morning.\n[00:01:00] Speaker 2: Hello."
+    daemon = start(emulator)
+    media.make_tone(tmp_path / "meeting.wav", 240.0).rename(daemon.inbox / "meeting.wav")
+    [recording] = wait_recordings(daemon, lambda xs: len(xs) == 1 and xs[0]["duration_seconds"])
+
+    item = ask(daemon, str(recording["id"]), "--template", "transcribe")
+
+    assert item["state"] == "done"
+    meta = json.loads(Path(item["result_path"]).with_name("meeting.transcribe.meta.json").read_text())
+    assert meta["coverage"] == 0.25
+    warning = "the transcript's timestamps stop at 00:01:00 of 00:04:00: its end may be missing"
+    assert warning in meta["warnings"][0]
+    assert f"- Warning: {warning}" in Path(item["result_path"]).read_text()
+    assert warning in daemon.log()
+
+
 def test_an_answer_that_stays_cut_off_or_empty_fails_with_the_reason_and_result_names_the_state(
         tmp_path: Path, emulator: Emulator, start: Callable[..., DaemonProcess]) -> None:
     daemon = start(emulator, prompts={"max_output_tokens": 4, "max_output_tokens_limit": 8})

@@ -265,11 +265,23 @@ class Generator:
         if isinstance(reply, tuple):
             reply, finish = reply
         text = self.default_text(rec) if reply is None else str(reply)
+        thoughts = self.thoughts(rec)
         budget = rec.generation_config.get("maxOutputTokens")
-        if budget is not None and text_tokens(text) > int(budget):
-            text, finish = text[: int(budget) * 4], "MAX_TOKENS"
+        if budget is not None and thoughts + text_tokens(text) > int(budget):
+            # Thinking comes first and eats the same budget: the visible answer gets what is left.
+            text, finish = text[: max(int(budget) - thoughts, 0) * 4], "MAX_TOKENS"
         rec.response_text, rec.finish_reason = text, finish
-        rec.usage = self.usage(rec, text_tokens(text))
+        rec.usage = self.usage(rec, text_tokens(text), thoughts)
+
+    def thoughts(self, rec: GenerateRecord) -> int:
+        """Thinking tokens for this request: the emulator's thinking_tokens, capped by a thinkingBudget."""
+        config = rec.generation_config.get("thinkingConfig") or {}
+        budget = config.get("thinkingBudget")
+        if budget is not None and int(budget) == 0 and "pro" in rec.model:
+            raise ApiError(400, "Budget 0 is invalid. This model only works in thinking mode.")
+        if budget is None or int(budget) < 0:
+            return self.emu.thinking_tokens
+        return min(self.emu.thinking_tokens, int(budget))
 
     @staticmethod
     def prompt_details(rec: GenerateRecord) -> tuple[int, list[dict]]:
@@ -279,12 +291,14 @@ class Generator:
         details = [{"modality": m, "tokenCount": n} for m, n in sorted(by.items(), key=lambda kv: kv[0] != "TEXT")]
         return sum(by.values()), details
 
-    def usage(self, rec: GenerateRecord, out_tokens: int) -> dict:
+    def usage(self, rec: GenerateRecord, out_tokens: int, thoughts: int = 0) -> dict:
         prompt, details = self.prompt_details(rec)
         usage: dict[str, Any] = {"promptTokenCount": prompt}
         if out_tokens:
             usage["candidatesTokenCount"] = out_tokens
-        usage["totalTokenCount"] = prompt + out_tokens
+        if thoughts:
+            usage["thoughtsTokenCount"] = thoughts
+        usage["totalTokenCount"] = prompt + out_tokens + thoughts
         usage["promptTokensDetails"] = details
         if out_tokens:
             usage["candidatesTokensDetails"] = [{"modality": "TEXT", "tokenCount": out_tokens}]

@@ -79,6 +79,10 @@ class Emulator:
       max_input_tokens      1,048,576 -> 400 "The input token count (N) exceeds ...". Note that at
                             32 tokens/s this is reached after ~9.1 h, before the 9.5 h audio cap.
       models                None (any model) or the set of model ids that exist (others -> 404).
+      thinking_tokens       tokens a thinking model spends before it answers when the request sets
+                            no thinkingConfig.thinkingBudget (or -1, dynamic); a budget caps them.
+                            They count against maxOutputTokens, as on the real API (0: no thinking).
+                            A budget of 0 on a "pro" model -> 400, as for gemini-2.5-pro.
       responder             callable(GenerateRecord) -> str | (str, finishReason) | None to choose
                             the model text (None -> the default fake transcript). It may raise
                             ApiError to answer an error. maxOutputTokens truncation still applies.
@@ -109,6 +113,7 @@ class Emulator:
                  max_input_tokens: int = MAX_INPUT_TOKENS,
                  models: Iterable[str] | None = None,
                  responder: Callable[[GenerateRecord], Any] | None = None,
+                 thinking_tokens: int = 0,
                  data_dir: str | Path | None = None,
                  host: str = "127.0.0.1", port: int = 0,
                  verbose: bool = False) -> None:
@@ -127,6 +132,7 @@ class Emulator:
         self.max_input_tokens = max_input_tokens
         self.models = set(models) if models is not None else None
         self.responder = responder
+        self.thinking_tokens = thinking_tokens
         self.verbose = verbose
         self.host, self.port = host, port
 
