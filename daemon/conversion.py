@@ -47,15 +47,22 @@ def convert_recording(ctx: Context, recording_id: int) -> None:
         expected_key = (recording.source_size, recording.source_mtime_ns)
         target_format = recording.target_format or ctx.settings.conversion.format
         attempts = recording.attempts
+        known_sha256, old_copy = recording.sha256, recording.converted_path
     name = source.name
+    # Converting again (the API refused the format) after the original was deleted: the kept compact copy
+    # is the only audio left, so it is the input. Lossy to lossy, but nothing is lost that a prompt needs.
+    from_copy = bool(known_sha256 and old_copy and not source.exists() and os.path.exists(old_copy))
     try:
-        if _stat_key(source) != expected_key:
-            return _back_to_discovered(ctx, recording_id, "the file changed again; waiting for it to be complete")
-        sha256 = file_sha256(source)
-        if _stat_key(source) != expected_key:
-            return _back_to_discovered(ctx, recording_id, "the file changed while it was read")
-        if _merge_if_duplicate(ctx, recording_id, sha256):
-            return
+        if from_copy:
+            source, sha256 = Path(old_copy or ""), known_sha256 or ""
+        else:
+            if _stat_key(source) != expected_key:
+                return _back_to_discovered(ctx, recording_id, "the file changed again; waiting for it to be complete")
+            sha256 = file_sha256(source)
+            if _stat_key(source) != expected_key:
+                return _back_to_discovered(ctx, recording_id, "the file changed while it was read")
+            if _merge_if_duplicate(ctx, recording_id, sha256):
+                return
         fmt = transcode.FORMATS[target_format]
         destination = ctx.settings.converted_dir / f"{sha256[:24]}{fmt.extension}"
         destination.parent.mkdir(parents=True, exist_ok=True)
@@ -63,7 +70,7 @@ def convert_recording(ctx: Context, recording_id: int) -> None:
         result = transcode.convert(source, destination, fmt, probe_result=probed,
                                    ffmpeg=ctx.settings.conversion.ffmpeg, ffprobe=ctx.settings.conversion.ffprobe,
                                    timeout=transcode.conversion_timeout(probed.duration_seconds))
-        if _stat_key(source) != expected_key:
+        if not from_copy and _stat_key(source) != expected_key:
             destination.unlink(missing_ok=True)
             return _back_to_discovered(ctx, recording_id, "the file changed during conversion; converting it again")
         converted_sha256 = file_sha256(result.path)
@@ -85,6 +92,8 @@ def convert_recording(ctx: Context, recording_id: int) -> None:
         return _finish(ctx, recording_id, S.FAILED, reason=f"{name}: {err}", error=f"{name}: cannot be read ({err})",
                        attempts=attempts + 1, next_attempt_at=when)
     reason = f"converted to {result.format} ({result.size_bytes} bytes, {result.duration_seconds:.1f} s)"
+    if from_copy:
+        reason += " from the kept compact copy (the original file is gone)"
     if result.warning:
         reason += f"; warning: {result.warning}"
         log.warning("%s: %s", name, result.warning)
@@ -93,6 +102,8 @@ def convert_recording(ctx: Context, recording_id: int) -> None:
             converted_bytes=result.size_bytes, converted_mime=result.mime_type, converted_format=result.format,
             converted_sha256=converted_sha256, attempts=0, next_attempt_at=None)
     log.info("%s: %s", name, reason)
+    if old_copy and old_copy != str(result.path):
+        Path(old_copy).unlink(missing_ok=True)  # the copy in the format the API refused
     with session_scope(ctx.sessions) as session:
         recording = session.get(Recording, recording_id)
         if recording is not None:

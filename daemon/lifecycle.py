@@ -162,7 +162,9 @@ def retry(session: Session, recording: Recording, *, now: datetime, reason: str)
     if current not in (S.FAILED, S.REJECTED):
         return False
     has_copy = bool(recording.converted_path) and os.path.exists(recording.converted_path)
-    target = S.CONVERTED if current is S.FAILED and has_copy else S.DISCOVERED
+    # A copy in a format the API refused is only the input of the next conversion (see target_format).
+    wanted_copy = has_copy and recording.target_format in (None, recording.converted_format)
+    target = S.CONVERTED if current is S.FAILED and wanted_copy else S.DISCOVERED
     changes: dict[str, Any] = {"error": None, "next_attempt_at": None}
     if target is S.DISCOVERED:
         changes["closed_after_write"] = True

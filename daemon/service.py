@@ -320,6 +320,12 @@ class Daemon:
                 if found is None:
                     if os.path.exists(recording.source_path):
                         continue
+                    if recording.sha256 and recording.converted_path and os.path.exists(recording.converted_path):
+                        # The original is gone but its compact copy is kept: convert from that (conversion.py).
+                        if lifecycle.advance(session, recording.id, expected=S.DISCOVERED, to=S.CONVERTING,
+                                             now=ctx.now(), reason="the original is gone; converting the kept copy"):
+                            claimed.append(recording.id)
+                        continue
                     if lifecycle.forget(session, recording.id):
                         log.info("%s: vanished before it was complete; forgotten", recording.source_path)
                     else:

@@ -203,8 +203,9 @@ def handle_failure(ctx: Context, recording_id: int, current: S, err: BaseExcepti
         return
     changes: dict[str, object] = {}
     if decision.action is Action.REENCODE:
-        # Converted again from the source, in the fallback format, and then uploaded on its own.
-        changes = {"target_format": ctx.settings.conversion.fallback_format, "converted_path": None}
+        # Converted again in the fallback format (from the source, or from this copy if the source is gone),
+        # and then uploaded on its own.
+        changes = {"target_format": ctx.settings.conversion.fallback_format}
     if missing_copy or decision.action in (Action.REENCODE, Action.REUPLOAD):
         decision = policy.Decision(decision.action, decision.error, now)
     give_up = decision.action is Action.GIVE_UP

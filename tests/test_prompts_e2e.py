@@ -523,6 +523,40 @@ def test_a_recording_sent_inline_is_not_uploaded_again(
     assert by_name(daemon)["small.wav"]["state"] == "expired"
 
 
+# --- a format the API refuses ---------------------------------------------------------------------------------
+
+
+def test_a_refused_format_is_converted_to_the_fallback_even_when_the_original_is_gone(
+        tmp_path: Path, emulator: Emulator, start: Callable[..., DaemonProcess]) -> None:
+    # MP3 as the chosen format and an API that refuses audio/mpeg at generateContent (uploads take anything).
+    emulator.supported_mime_types = {m for m in emulator.supported_mime_types if m not in ("audio/mpeg", "audio/mp3")}
+    daemon = start(emulator, conversion={"format": "mp3", "fallback_format": "vorbis"})
+    for name, seconds in (("kept.wav", 4.0), ("deleted.wav", 4.5)):
+        media.make_tone(tmp_path / name, seconds).rename(daemon.inbox / name)
+    wait_recordings(daemon, {"active": 2})
+    kept, deleted = sorted(daemon.files(), key=lambda item: Path(item["source_path"]).name != "kept.wav")
+    assert kept["converted"]["format"] == deleted["converted"]["format"] == "mp3"
+    mp3_copies = {Path(kept["converted"]["path"]), Path(deleted["converted"]["path"])}
+    (daemon.inbox / "deleted.wav").unlink()  # the user cleaned up the drop folder after the upload
+
+    item = ask(daemon, str(kept["id"]), str(deleted["id"]), "--prompt", "Compare the two tones.", timeout=50)
+
+    assert item["state"] == "done" and item["error"] is None
+    assert emulator.stats.generate_calls == 2, "one refused request, then one that was answered"
+    [answered] = emulator.generate_requests
+    assert [part.mime_type for part in answered.parts if part.modality == "AUDIO"] == ["audio/ogg"] * 2
+    after = {item["id"]: item for item in daemon.files()}
+    for before in (kept, deleted):
+        now = after[before["id"]]
+        assert now["state"] == "active" and now["converted"]["format"] == "vorbis", now
+        assert now["sha256"] == before["sha256"], "the recording keeps its identity"
+        assert abs(now["duration_seconds"] - before["duration_seconds"]) < 0.2
+    history = [event["reason"] for event in daemon.cli("show", str(deleted["id"]), "--json")["history"]]
+    assert any("from the kept compact copy (the original file is gone)" in reason for reason in history), history
+    assert not any(path.exists() for path in mp3_copies), "the refused copies are removed"
+    assert {f.mime_type for f in emulator.files} == {"audio/ogg"}, "the refused uploads are deleted remotely"
+
+
 # --- cut-off answers ---------------------------------------------------------------------------------------
 
 
