@@ -281,6 +281,7 @@ def prompt_json(prompt: Prompt) -> dict[str, Any]:
         "template": prompt.template,
         "prompt": prompt.prompt_text,
         "model": prompt.model,
+        "requested_model": prompt.requested_model,  # set when `model` is the fallback after 500s
         "span": {"from_seconds": prompt.span_start_seconds, "to_seconds": prompt.span_end_seconds}
         if prompt.span_start_seconds is not None else None,
         "result_path": prompt.result_path,

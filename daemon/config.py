@@ -91,6 +91,10 @@ class PromptSettings:
     # Thinking models spend part of max_output_tokens thinking before they answer, which can cut a transcript
     # short; this caps it. -1 leaves it to the model (for models that do not think, or to let it think freely).
     thinking_budget: int = 1024
+    # Some models fail on audio with 500 INTERNAL for good (field notes: gemini-3.1-flash-lite): after
+    # fallback_after such answers in a row a prompt is sent to this model instead ("" never switches).
+    fallback_model: str = "gemini-2.5-flash"
+    fallback_after: int = 3
 
 
 @dataclass(frozen=True)
@@ -348,6 +352,8 @@ def _read_prompts(read: _Reader, table: dict[str, Any]) -> PromptSettings:
         requests_per_minute=read.positive(table, "requests_per_minute", p, int, d.requests_per_minute),
         workers=read.positive(table, "workers", p, int, d.workers),
         thinking_budget=read.get(table, "thinking_budget", p, int, d.thinking_budget),
+        fallback_model=read.get(table, "fallback_model", p, str, d.fallback_model),
+        fallback_after=read.positive(table, "fallback_after", p, int, d.fallback_after),
     )
     if settings.thinking_budget < -1:
         read.problems.append(f"{p}thinking_budget: expected -1 (the model decides), 0 (no thinking) or more, "

@@ -35,11 +35,14 @@ class ConfigError(DaemonError):
 
 
 class TransientError(DaemonError):
-    """A passing problem; the work is retried later. `retry_after` is a server hint in seconds, if sane."""
+    """A passing problem; the work is retried later. `retry_after` is a server hint in seconds, if sane;
+    `status` is the HTTP status when the server answered one."""
 
-    def __init__(self, title: str, hint: str = "", retry_after: float | None = None) -> None:
+    def __init__(self, title: str, hint: str = "", retry_after: float | None = None,
+                 status: int | None = None) -> None:
         super().__init__(title, hint)
         self.retry_after = retry_after
+        self.status = status
 
 
 class OfflineError(TransientError):

@@ -167,7 +167,7 @@ def translate(err: BaseException, *, subject: str) -> Exception:
                                     "audiodrop frees space by deleting its own unneeded uploads")
         if code in TRANSIENT_STATUS:
             return TransientError(f"{subject}: {described or 'server error'}", "retried automatically",
-                                  retry_after=_retry_delay(err.details))
+                                  retry_after=_retry_delay(err.details), status=code)
         if code == 400 and "mime type" in message.lower():
             return UnsupportedFormat(f"{subject}: the API refused the format ({described})",
                                      "the recording is re-encoded to the fallback format")

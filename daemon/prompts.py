@@ -31,7 +31,7 @@ from sqlalchemy.orm import Session
 from daemon import chunking, lifecycle, policy, results, transcode
 from daemon.config import Settings, Template
 from daemon.context import Context
-from daemon.errors import PermanentError
+from daemon.errors import PermanentError, TransientError
 from daemon.gemini import FilePart, Generation, InlinePart
 from daemon.lifecycle import RecordingState as S
 from daemon.policy import Action
@@ -535,7 +535,15 @@ def _handle_error(ctx: Context, job: Job, err: BaseException) -> None:
         ctx.waiting.note(decision, now)
         return _requeue(ctx, prompt, decision.error, decision.retry_at or now)
     if decision.action is Action.RETRY_LATER:
-        return _requeue(ctx, prompt, f"{decision.error}; retrying", decision.retry_at or now, attempts=attempts)
+        internal_errors = prompt.internal_errors + 1 if isinstance(err, TransientError) and err.status == 500 else 0
+        fallback = ctx.settings.prompts.fallback_model
+        if internal_errors >= ctx.settings.prompts.fallback_after and fallback and fallback != prompt.model:
+            reason = f"{prompt.model} answered 500 INTERNAL {internal_errors} times in a row"
+            log.warning("prompt %d: %s; sending it to %s instead", prompt.id, reason, fallback)
+            return _requeue(ctx, prompt, f"{reason}; trying {fallback}", now, model=fallback, attempts=0,
+                            requested_model=prompt.requested_model or prompt.model, internal_errors=0)
+        return _requeue(ctx, prompt, f"{decision.error}; retrying", decision.retry_at or now, attempts=attempts,
+                        internal_errors=internal_errors)
     _fail(ctx, prompt, decision.error)
 
 
@@ -609,6 +617,10 @@ def _store_result(ctx: Context, job: Job, text: str, meta: dict[str, Any]) -> No
         "created_at": prompt.created_at, "finished_at": now,
         "span_start_seconds": prompt.span_start_seconds, "span_end_seconds": prompt.span_end_seconds, **meta,
     }
+    if prompt.requested_model:
+        metadata["requested_model"] = prompt.requested_model
+        metadata["warnings"] = [*metadata.get("warnings", []), f"answered by {prompt.model}: "
+                                f"{prompt.requested_model} kept failing with 500 INTERNAL"]
     text_path, meta_path = results.result_paths(ctx.settings.results_dir, recording_names=names,
                                                 template=prompt.template or "prompt", prompt_id=prompt.id,
                                                 output_format=prompt.output_format)

@@ -117,6 +117,10 @@ class Prompt(Base):
     prompt_text: Mapped[str] = mapped_column(Text)
     system_instruction: Mapped[str | None] = mapped_column(Text)
     model: Mapped[str] = mapped_column(String(64))
+    # The model first asked for, when it kept failing with 500 INTERNAL and `model` is the fallback.
+    requested_model: Mapped[str | None] = mapped_column(String(64))
+    # 500 INTERNAL answers in a row from `model` (any other outcome resets it).
+    internal_errors: Mapped[int] = mapped_column(default=0, server_default="0")
     output_format: Mapped[str] = mapped_column(String(16), default="markdown")
     span_start_seconds: Mapped[float | None]
     span_end_seconds: Mapped[float | None]

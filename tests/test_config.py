@@ -101,3 +101,22 @@ def test_systemd_credential_is_a_key_source(tmp_path: Path, monkeypatch: pytest.
     config = tmp_path / "c.toml"
     config.write_text("")
     assert find_api_key(load_settings(config)) == ("from-credential", "systemd credential gemini-api-key")
+
+
+def test_the_readme_configuration_reference_is_a_valid_file_with_every_setting(tmp_path: Path) -> None:
+    """The README's reference block is what newcomers copy: it must load, and name every setting there is."""
+    from daemon.config import ConversionSettings, GeminiSettings, IntakeSettings, PromptSettings, Watch
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    block = readme.split("## Configuration", 1)[1].split("```toml\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "config.toml").write_text(block, encoding="utf-8")
+    settings = load_settings(tmp_path / "config.toml")
+    assert settings.prompts.thinking_budget == 1024 and "minutes" in settings.templates
+    for name, fields in (("[[watch]]", Watch.__dataclass_fields__),
+                         ("[gemini]", GeminiSettings.__dataclass_fields__),
+                         ("[conversion]", ConversionSettings.__dataclass_fields__),
+                         ("[intake]", IntakeSettings.__dataclass_fields__),
+                         ("[prompts]", PromptSettings.__dataclass_fields__)):
+        section = block.split(name, 1)[1].split("\n[", 1)[0]
+        missing = [key for key in fields if f"{key} =" not in section]
+        assert not missing, f"README's {name} does not mention {missing}"

@@ -23,7 +23,7 @@ import pytest
 
 from daemon import chunking
 from tests import media
-from tests.emulator import Emulator, Fault, GenerateRecord
+from tests.emulator import ApiError, Emulator, Fault, GenerateRecord
 from tests.harness import API_KEY, DaemonProcess, run_cli, wait_until
 
 TRANSCRIBE_PROMPT_START = "Transcribe this recording verbatim."
@@ -555,6 +555,30 @@ def test_a_refused_format_is_converted_to_the_fallback_even_when_the_original_is
     assert any("from the kept compact copy (the original file is gone)" in reason for reason in history), history
     assert not any(path.exists() for path in mp3_copies), "the refused copies are removed"
     assert {f.mime_type for f in emulator.files} == {"audio/ogg"}, "the refused uploads are deleted remotely"
+
+
+def test_a_model_that_keeps_failing_with_500_internal_hands_the_prompt_to_the_fallback_model(
+        tmp_path: Path, emulator: Emulator, start: Callable[..., DaemonProcess]) -> None:
+    def broken_on_audio(rec: GenerateRecord) -> None:
+        if "flash-lite" in rec.model:
+            raise ApiError(500, "Internal error encountered.")
+
+    emulator.responder = broken_on_audio
+    daemon = start(emulator, prompts={"fallback_after": 2},
+                   templates={"quick": {"prompt": "Summarize this.", "model": "gemini-3.1-flash-lite"}})
+    media.make_tone(tmp_path / "memo.wav", 3.0).rename(daemon.inbox / "memo.wav")
+    [recording] = wait_recordings(daemon, {"active": 1})
+
+    item = ask(daemon, str(recording["id"]), "--template", "quick", timeout=50)
+
+    assert item["state"] == "done" and item["model"] == "gemini-2.5-flash", item
+    assert item["requested_model"] == "gemini-3.1-flash-lite"
+    [answered] = emulator.generate_requests
+    assert "flash-lite" not in answered.model
+    meta = json.loads(Path(item["result_path"]).with_name("memo.quick.meta.json").read_text())
+    assert meta["model"] == "gemini-2.5-flash" and meta["requested_model"] == "gemini-3.1-flash-lite"
+    assert "gemini-3.1-flash-lite kept failing with 500 INTERNAL" in meta["warnings"][0]
+    assert "answered 500 INTERNAL 2 times in a row; sending it to gemini-2.5-flash" in daemon.log()
 
 
 # --- cut-off answers ---------------------------------------------------------------------------------------
