@@ -17,7 +17,12 @@ if [ "$SOURCE" != "$PREFIX" ]; then
     (cd "$SOURCE" && git ls-files -z 2>/dev/null || find . -path ./.venv -prune -o -type f -print0) |
         (cd "$SOURCE" && xargs -0 cp --parents -t "$PREFIX")
 fi
-make -C "$PREFIX" setup
+# The service runs as its own user, so its Python must be the system's, not one in a person's home (pyenv).
+PYTHON=${PYTHON:-/usr/bin/python3}
+if [ -e "$PREFIX/.venv" ] && [ "$(readlink -f "$PREFIX/.venv/bin/python3")" != "$(readlink -f "$PYTHON")" ]; then
+    rm -rf "$PREFIX/.venv"
+fi
+make -C "$PREFIX" setup PYTHON="$PYTHON"
 
 install -d -m 0750 -g audiodrop /etc/audiodrop
 [ -f /etc/audiodrop/config.toml ] || install -m 0640 -g audiodrop "$PREFIX/systemd/config.example.toml" /etc/audiodrop/config.toml
@@ -28,7 +33,9 @@ elif [ ! -f /etc/audiodrop/gemini-api-key ]; then
     (umask 077; : > /etc/audiodrop/gemini-api-key)
 fi
 
-install -m 0644 "$PREFIX/systemd/audiodrop.service" /etc/systemd/system/audiodrop.service
+# The unit names /opt/audiodrop; a different PREFIX is written into the installed copy.
+sed "s|/opt/audiodrop|$PREFIX|g" "$PREFIX/systemd/audiodrop.service" > /etc/systemd/system/audiodrop.service
+chmod 0644 /etc/systemd/system/audiodrop.service
 mkdir -p /etc/systemd/system/audiodrop.service.d
 {
     echo "# Written by install.sh from /etc/audiodrop/config.toml: the drop folders the service may use."
@@ -38,6 +45,11 @@ from daemon.config import load_settings
 for watch in load_settings("/etc/audiodrop/config.toml").watches:
     print(f"ReadWritePaths=-{watch.path}")'
 } > /etc/systemd/system/audiodrop.service.d/drop-folders.conf
+# A drop folder that does not exist yet is made, writable by the audiodrop group (add people who drop files
+# to it: usermod -aG audiodrop NAME); the service cannot create it itself under ProtectSystem=strict.
+sed -n 's/^ReadWritePaths=-//p' /etc/systemd/system/audiodrop.service.d/drop-folders.conf | while read -r folder; do
+    [ -d "$folder" ] || install -d -o audiodrop -g audiodrop -m 2770 "$folder"
+done
 
 systemctl daemon-reload
 systemctl enable --now audiodrop
