@@ -7,6 +7,7 @@ from __future__ import annotations
 import fcntl
 import json
 import sys
+import tempfile
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -370,26 +371,28 @@ def dry_run_report(settings: Settings, session: Session, prompt: Prompt) -> dict
     report: dict[str, Any] = {"recording_ids": [link.recording_id for link in prompt.recordings],
                               "model": prompt.model, "estimated_audio_tokens": prompt.estimated_audio_tokens,
                               "api_total_tokens": None}
-    recordings = [session.get(Recording, link.recording_id) for link in prompt.recordings]
+    from daemon import prompts
+
+    recordings = [r for r in (session.get(Recording, link.recording_id) for link in prompt.recordings) if r]
     key, _ = find_api_key(settings)
-    live = all(r is not None and r.state == "active" for r in recordings)
-    if key and live and prompt.span_start_seconds is None:
-        from daemon.gemini import FilePart, GeminiClient
+    if not key:
+        report["api_note"] = "no API key: estimate only"
+        return report
+    with tempfile.TemporaryDirectory(prefix="audiodrop-count-") as scratch:
+        try:
+            parts = prompts.parts_to_count(settings, prompt, recordings, Path(scratch))
+        except prompts.NotReady as err:
+            report["api_note"] = f"{err}: estimate only"
+            return report
+        from daemon.gemini import GeminiClient
 
         client = GeminiClient(key, settings.gemini, attempts=1)
         try:
-            report["api_total_tokens"] = client.count_tokens(prompt.model, [
-                *[FilePart(r.remote_uri or "", r.converted_mime or "") for r in recordings if r], prompt.prompt_text])
+            report["api_total_tokens"] = client.count_tokens(prompt.model, [*parts, prompt.prompt_text])
         except DaemonError as err:
             report["api_note"] = f"countTokens failed: {err.title}"
         finally:
             client.close()
-    elif not key:
-        report["api_note"] = "no API key: estimate only"
-    elif prompt.span_start_seconds is not None:
-        report["api_note"] = "a --from/--to span is cut locally when the prompt runs: estimate only"
-    else:
-        report["api_note"] = "not every recording is uploaded yet: estimate only"
     return report
 
 

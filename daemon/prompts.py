@@ -325,6 +325,34 @@ def planned_delivery(settings: Settings, prompt: Prompt, recordings: list[Record
     return "files"
 
 
+def parts_to_count(settings: Settings, prompt: Prompt, recordings: list[Recording],
+                   scratch: Path) -> list[FilePart | InlinePart]:
+    """The audio of a prompt as countTokens can take it without uploading anything: live remote files, else the
+    compact copies inline (a --from/--to span cut locally into `scratch`). NotReady says why it cannot."""
+    parts: list[FilePart | InlinePart] = []
+    inline_bytes = 0
+    for recording in recordings:
+        live = recording.state == S.ACTIVE.value and recording.remote_uri
+        if live and prompt.span_start_seconds is None:
+            parts.append(FilePart(recording.remote_uri or "", recording.converted_mime or ""))
+            continue
+        if not recording.converted_path or not os.path.exists(recording.converted_path):
+            raise NotReady(f"recording {recording.id} is not converted yet")
+        source = Path(recording.converted_path)
+        if prompt.span_start_seconds is not None:
+            fmt = transcode.FORMATS[recording.converted_format or settings.conversion.format]
+            end = min(prompt.span_end_seconds if prompt.span_end_seconds is not None else math.inf,
+                      recording.duration_seconds or math.inf)
+            source = transcode.cut(source, scratch / f"span{fmt.extension}", fmt, prompt.span_start_seconds, end,
+                                   ffmpeg=settings.conversion.ffmpeg, ffprobe=settings.conversion.ffprobe).path
+        data = source.read_bytes()
+        inline_bytes += math.ceil(len(data) * 4 / 3)
+        if inline_bytes > settings.prompts.inline_limit_bytes:
+            raise NotReady("the audio that is not uploaded is too large to count inline")
+        parts.append(InlinePart(data, recording.converted_mime or "audio/ogg"))
+    return parts
+
+
 def needs_remote_copies(session: Session, settings: Settings) -> set[int]:
     """Recordings whose remote copy a queued or running prompt will use: never evicted, re-uploaded when expired."""
     active_prompts = session.scalars(select(Prompt).where(Prompt.state.in_((P.QUEUED.value, P.RUNNING.value)))).all()

@@ -754,6 +754,29 @@ def test_dry_run_shows_the_estimate_and_the_apis_count_and_queues_nothing(
     assert estimate["estimated_audio_tokens"] == report["estimated_audio_tokens"]
     assert len(emulator.count_tokens_requests) == 2 and prompts_of(daemon) == []
 
+    # A span is counted as the piece the prompt will send: cut locally, inline, two seconds of audio.
+    span = daemon.cli("ask", rid, "--template", "transcribe", "--from", "00:01", "--to", "00:03", "--dry-run", "--json")
+    counted = emulator.count_tokens_requests[-1]
+    assert counted.file_names == [] and abs(counted.audio_seconds - 2.0) < 0.1
+    assert span["estimated_audio_tokens"] == 64 and span["api_total_tokens"] == audio_tokens(counted) + math.ceil(
+        len(counted.prompt_text) / 4)
+    assert prompts_of(daemon) == [] and emulator.generate_requests == []
+
+
+def test_dry_run_counts_a_recording_that_is_not_uploaded_from_its_compact_copy(
+        tmp_path: Path, emulator: Emulator, start: Callable[..., DaemonProcess]) -> None:
+    emulator.add_fault(Fault(route="upload_start", kind="status", status=503, probability=1.0))  # uploads down
+    daemon = start(emulator)
+    media.make_tone(tmp_path / "memo.wav", 3.0).rename(daemon.inbox / "memo.wav")
+    [recording] = wait_recordings(daemon, lambda xs: len(xs) == 1 and xs[0]["state"] in ("converted", "failed"))
+
+    report = daemon.cli("ask", str(recording["id"]), "--prompt", "Who speaks?", "--dry-run", "--json")
+
+    [counted] = emulator.count_tokens_requests
+    assert counted.file_names == [] and abs(counted.audio_seconds - recording["duration_seconds"]) < 0.1
+    assert report["api_total_tokens"] == audio_tokens(counted) + math.ceil(len("Who speaks?") / 4)
+    assert report["estimated_audio_tokens"] == math.ceil(recording["duration_seconds"] * 32) and not emulator.files
+
 
 def test_ask_refuses_bad_requests_with_usage_errors_and_clear_messages(
         tmp_path: Path, start: Callable[..., DaemonProcess]) -> None:
