@@ -111,6 +111,18 @@ def convert_recording(ctx: Context, recording_id: int) -> None:
     ctx.wake("upload")
 
 
+def convert_guarded(ctx: Context, recording_id: int) -> None:
+    """convert_recording, and a bug in it fails this recording (with its traceback in the log), not the daemon."""
+    try:
+        convert_recording(ctx, recording_id)
+    except Exception:
+        log.exception("recording %d: unexpected error during conversion", recording_id)
+        with session_scope(ctx.sessions) as session:
+            lifecycle.advance(session, recording_id, expected=S.CONVERTING, to=S.FAILED, now=ctx.now(),
+                              reason="unexpected error during conversion (its traceback is in the log)",
+                              error="unexpected error during conversion; the log has the details")
+
+
 def _finish(ctx: Context, recording_id: int, to: S, *, reason: str, **changes: object) -> None:
     with session_scope(ctx.sessions) as session:
         lifecycle.advance(session, recording_id, expected=S.CONVERTING, to=to, now=ctx.now(), reason=reason,

@@ -237,14 +237,7 @@ class Pipeline:
                     work.append((("prompt", prompt_id), self.runner.pool, self.runner._run, (prompt_id,)))
 
     def convert(self, recording_id: int) -> None:
-        try:
-            conversion.convert_recording(self.ctx, recording_id)
-        except Exception:
-            log.exception("recording %d: unexpected error during conversion", recording_id)
-            with session_scope(self.ctx.sessions) as session:
-                lifecycle.advance(session, recording_id, expected=S.CONVERTING, to=S.FAILED, now=self.ctx.now(),
-                                  reason="unexpected error during conversion", error="unexpected error during "
-                                  "conversion; run it again with log_level = \"DEBUG\" to see it")
+        conversion.convert_guarded(self.ctx, recording_id)
 
 
 class Report:

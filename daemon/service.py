@@ -352,13 +352,7 @@ class Daemon:
 
     def _convert(self, recording_id: int) -> None:
         try:
-            conversion.convert_recording(self.ctx, recording_id)
-        except Exception:
-            log.exception("recording %d: unexpected error during conversion", recording_id)
-            with session_scope(self.ctx.sessions) as session:
-                lifecycle.advance(session, recording_id, expected=S.CONVERTING, to=S.FAILED, now=self.ctx.now(),
-                                  reason="unexpected error during conversion (see the daemon log)",
-                                  error="unexpected error during conversion; see the daemon log")
+            conversion.convert_guarded(self.ctx, recording_id)
         finally:
             with self.converting_lock:
                 self.converting.discard(recording_id)
