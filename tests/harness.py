@@ -6,11 +6,13 @@ import ctypes
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
 from datetime import UTC, datetime
 from collections.abc import Callable
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +102,15 @@ class DaemonProcess:
 
     def files(self) -> list[dict[str, Any]]:
         return self.cli("files", "--json")
+
+    def states(self) -> list[str]:
+        """The recordings' states straight from the database (read-only): for waits that must notice a
+        state within a fraction of a second, which starting the CLI cannot promise on a busy machine."""
+        database = self.folder / "state" / "audiodrop.db"
+        if not database.exists():
+            return []
+        with closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=10)) as connection:
+            return [row[0] for row in connection.execute("SELECT state FROM recordings ORDER BY id")]
 
     def wait_for_states(self, expected: dict[str, int] | Callable[[list[dict[str, Any]]], bool],
                         timeout: float = 90) -> list[dict[str, Any]]:
