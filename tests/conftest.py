@@ -80,3 +80,9 @@ def daemon(tmp_path: Path, emulator: Any) -> Iterator[Any]:
     yield process
     if process.process and not process.exited():
         process.stop()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The slow tests go first: spread over the workers early, they do not leave one worker running alone
+    at the end of the suite."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

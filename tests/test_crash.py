@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from tests import media
 from tests.emulator import Emulator, Fault
 from tests.harness import DaemonProcess, wait_until
 
 
+@pytest.mark.slow
 def test_kill_during_conversion_then_restart(tmp_path: Path, emulator: Emulator) -> None:
     daemon = DaemonProcess(tmp_path / "d", base_url=emulator.base_url, conversion={"workers": 1})
     long_one = media.make_tone(tmp_path / "long.wav", 600.0, channels=2, rate=48000)

@@ -179,6 +179,7 @@ def sql(daemon: DaemonProcess, statement: str, *params: Any) -> None:
 # on both workers and the short tests fill in around them.)
 
 
+@pytest.mark.slow
 def test_a_storm_of_429s_is_absorbed_within_the_requests_per_minute_limit(
         tmp_path: Path, emulator: Emulator, start: Callable[..., DaemonProcess]) -> None:
     rpm, count = 4, 4
@@ -260,6 +261,7 @@ def speech_responder(plans: dict[str, list[chunking.Chunk]], every: int) -> Call
     return respond
 
 
+@pytest.mark.slow
 def test_a_three_hour_recording_is_transcribed_in_chunks_on_one_timeline(
         tmp_path: Path, emulator: Emulator, start: Callable[..., DaemonProcess]) -> None:
     chunk_seconds, every = 1800.0, 7
@@ -557,6 +559,7 @@ def test_a_refused_format_is_converted_to_the_fallback_even_when_the_original_is
     assert {f.mime_type for f in emulator.files} == {"audio/ogg"}, "the refused uploads are deleted remotely"
 
 
+@pytest.mark.slow
 def test_a_model_that_keeps_failing_with_500_internal_hands_the_prompt_to_the_fallback_model(
         tmp_path: Path, emulator: Emulator, start: Callable[..., DaemonProcess]) -> None:
     def broken_on_audio(rec: GenerateRecord) -> None:
@@ -685,6 +688,7 @@ def test_an_answer_that_stays_cut_off_or_empty_fails_with_the_reason_and_result_
 # --- result files never overwrite each other ---------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_two_recordings_with_the_same_name_keep_their_own_results_and_a_rerun_rewrites_only_its_own(
         tmp_path: Path, emulator: Emulator, start: Callable[..., DaemonProcess]) -> None:
     daemon = start(emulator, watch_prompts=["transcribe"])

@@ -7,6 +7,8 @@ import random
 import time
 from pathlib import Path
 
+import pytest
+
 from tests import media
 from tests.emulator import Emulator, Fault
 from tests.harness import API_KEY, DaemonProcess, count_states, wait_until
@@ -30,6 +32,7 @@ def assert_each_uploaded_once(daemon: DaemonProcess, emulator: Emulator, items: 
     assert {i["remote"]["name"] for i in items} == {f.name for f in live}
 
 
+@pytest.mark.slow
 def test_storage_limit_is_never_passed_and_every_recording_gets_uploaded(tmp_path: Path) -> None:
     limit = 60_000
     with Emulator(api_key=API_KEY, data_dir=tmp_path / "emulator", storage_limit_bytes=limit) as emulator:
@@ -62,6 +65,7 @@ def test_storage_limit_is_never_passed_and_every_recording_gets_uploaded(tmp_pat
               f" uploads {emulator.stats.uploads_started}")
 
 
+@pytest.mark.slow
 def test_fifty_recordings_through_5xx_429_and_dropped_chunks(tmp_path: Path, emulator: Emulator) -> None:
     faults = [emulator.add_fault(Fault(route="any", kind="status", status=503, probability=0.10, seed=1)),
               emulator.add_fault(Fault(route="any", kind="status", status=429, probability=0.05, seed=2)),
@@ -79,6 +83,7 @@ def test_fifty_recordings_through_5xx_429_and_dropped_chunks(tmp_path: Path, emu
     assert sum(injected.values()) >= 10
 
 
+@pytest.mark.slow
 def test_an_upload_only_outage_does_not_stop_conversion_and_drains(tmp_path: Path, emulator: Emulator) -> None:
     outage = emulator.add_fault(Fault(route="upload_start", kind="status", status=503, probability=1.0))
     daemon = DaemonProcess(tmp_path / "d", base_url=emulator.base_url)
@@ -95,6 +100,7 @@ def test_an_upload_only_outage_does_not_stop_conversion_and_drains(tmp_path: Pat
     daemon.stop()
 
 
+@pytest.mark.slow
 def test_offline_for_a_while_then_back_the_queue_drains(tmp_path: Path, emulator: Emulator) -> None:
     daemon = DaemonProcess(tmp_path / "d", base_url=emulator.base_url)
     daemon.start()
@@ -128,6 +134,7 @@ def test_a_refused_api_key_makes_everything_wait_without_hammering(tmp_path: Pat
         daemon.stop()
 
 
+@pytest.mark.slow
 def test_kill_nine_at_random_moments_loses_nothing_and_duplicates_nothing(tmp_path: Path,
                                                                           emulator: Emulator) -> None:
     # Slow chunk answers widen the window in which a kill lands mid-upload.

@@ -14,6 +14,8 @@ import subprocess
 import time
 from contextlib import closing
 from pathlib import Path
+
+import pytest
 from urllib.parse import quote
 
 from tests import media
@@ -68,6 +70,7 @@ def test_the_search_finds_each_encoded_form() -> None:
     assert not leaks(b"AIzaSy-audiodrop-test+SECRET/123456789")
 
 
+@pytest.mark.slow
 def test_the_api_key_appears_nowhere_the_daemon_writes_or_prints(tmp_path: Path) -> None:
     outputs: list[tuple[str, bytes]] = []
     folder = tmp_path / "d"

@@ -6,11 +6,14 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
+
 from tests import media
 from tests.emulator import Emulator
 from tests.harness import DaemonProcess, wait_until
 
 
+@pytest.mark.slow
 def test_sigterm_during_a_long_conversion_exits_within_seconds_and_resumes(tmp_path: Path,
                                                                            emulator: Emulator) -> None:
     daemon = DaemonProcess(tmp_path / "d", base_url=emulator.base_url, conversion={"workers": 1})
@@ -52,6 +55,7 @@ def test_sighup_reloads_the_configuration_and_a_bad_one_is_refused(tmp_path: Pat
     assert daemon.stop() == 0
 
 
+@pytest.mark.slow
 def test_an_unmounted_folder_is_shown_and_watched_again_when_it_returns(tmp_path: Path, emulator: Emulator) -> None:
     daemon = DaemonProcess(tmp_path / "d", base_url=emulator.base_url)
     daemon.start()
