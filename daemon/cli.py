@@ -146,7 +146,7 @@ def status(config_path: str | None, as_json: bool) -> None:
     running = holder is not None
     counts: dict[str, int] = {}
     prompts: dict[str, int] = {}
-    used, foreign, upcoming, state, tokens_today = 0, 0, None, None, {"prompt": 0, "audio": 0, "output": 0}
+    used, foreign, upcoming, state, tokens_today = 0, 0, None, None, {"prompt": 0, "audio": 0, "output": 0, "thinking": 0}
     if session is not None:
         with session:
             counts = queries.recording_counts(session)
@@ -200,8 +200,9 @@ def status(config_path: str | None, as_json: bool) -> None:
                   + (f" ({foreign / 1e9:.2f} GB by other tools)" if foreign else ""))
     if upcoming:
         console.print(f"next expiry: recording {upcoming[0]} at {iso(upcoming[1])}")
+    thinking = f" (+{tokens_today['thinking']} thinking)" if tokens_today["thinking"] else ""
     console.print(f"tokens today (UTC): {tokens_today['prompt']} in ({tokens_today['audio']} audio), "
-                  f"{tokens_today['output']} out")
+                  f"{tokens_today['output']} out{thinking}")
 
 
 @main.command()
@@ -292,7 +293,7 @@ def prompt_json(prompt: Prompt) -> dict[str, Any]:
         "finish_reason": prompt.finish_reason,
         "chunks": prompt.chunks,
         "tokens": {"estimated_audio": prompt.estimated_audio_tokens, "prompt": prompt.prompt_tokens,
-                   "audio": prompt.audio_tokens, "output": prompt.output_tokens},
+                   "audio": prompt.audio_tokens, "output": prompt.output_tokens, "thinking": prompt.thinking_tokens},
         "created_at": iso(prompt.created_at),
         "finished_at": iso(prompt.finished_at),
     }

@@ -657,7 +657,8 @@ def _store_result(ctx: Context, job: Job, text: str, meta: dict[str, Any]) -> No
     with session_scope(ctx.sessions) as session:
         _move(session, prompt.id, P.RUNNING, P.DONE, result_text=text, result_path=str(text_path),
               finish_reason=meta["finish_reason"], prompt_tokens=meta["prompt_tokens"],
-              audio_tokens=meta["audio_tokens"], output_tokens=meta["output_tokens"], delivery=meta["delivery"],
+              audio_tokens=meta["audio_tokens"], output_tokens=meta["output_tokens"],
+              thinking_tokens=meta["thinking_tokens"], delivery=meta["delivery"],
               chunks=meta["chunks"], model_version=meta["model_version"], error=None, waiting_for=None,
               finished_at=now, claimed_until=None)
     _forget_chunks(ctx, prompt)

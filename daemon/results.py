@@ -248,5 +248,6 @@ def _tokens(metadata: Mapping[str, Any]) -> str:
     if prompt is not None:
         parts.append(f"{prompt:,} in" + (f" ({audio:,} audio)" if audio is not None else ""))
     if output is not None:
-        parts.append(f"{output:,} out")
+        thinking = metadata.get("thinking_tokens")
+        parts.append(f"{output:,} out" + (f" (+{thinking:,} thinking)" if thinking else ""))
     return ", ".join(parts)

@@ -131,6 +131,7 @@ class Prompt(Base):
     prompt_tokens: Mapped[int | None]
     audio_tokens: Mapped[int | None]
     output_tokens: Mapped[int | None]
+    thinking_tokens: Mapped[int | None]  # billed as output, not part of the text
     estimated_audio_tokens: Mapped[int | None]
     error: Mapped[str | None] = mapped_column(Text)
     # What a queued prompt waits for (files being re-uploaded, a rate limit, the network); not an error.

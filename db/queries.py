@@ -48,8 +48,9 @@ def upload_backlog(session: Session) -> tuple[int, int]:
 
 
 def tokens_since(session: Session, since: datetime) -> dict[str, int]:
-    """Tokens spent by prompts finished since `since`."""
-    prompt, audio, output = session.execute(
+    """Tokens spent by prompts finished since `since` (thinking is billed as output, so it is counted too)."""
+    prompt, audio, output, thinking = session.execute(
         select(func.coalesce(func.sum(Prompt.prompt_tokens), 0), func.coalesce(func.sum(Prompt.audio_tokens), 0),
-               func.coalesce(func.sum(Prompt.output_tokens), 0)).where(Prompt.finished_at >= since)).one()
-    return {"prompt": int(prompt), "audio": int(audio), "output": int(output)}
+               func.coalesce(func.sum(Prompt.output_tokens), 0), func.coalesce(func.sum(Prompt.thinking_tokens), 0))
+        .where(Prompt.finished_at >= since)).one()
+    return {"prompt": int(prompt), "audio": int(audio), "output": int(output), "thinking": int(thinking)}

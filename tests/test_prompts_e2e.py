@@ -361,7 +361,7 @@ def test_watch_folder_prompts_run_on_each_new_recording_and_write_markdown_and_m
     by_template = {item["template"]: item for item in items}
     records = emulator.generate_requests
     assert len(records) == 3, "each prompt is sent once"
-    tokens_spent = {"prompt": 0, "audio": 0, "output": 0}
+    tokens_spent = {"prompt": 0, "audio": 0, "output": 0, "thinking": 0}
     for template, item in by_template.items():
         assert item["recording_ids"] == [recording["id"]] and item["error"] is None
         assert item["delivery"] in ("inline", "files")
@@ -379,7 +379,7 @@ def test_watch_folder_prompts_run_on_each_new_recording_and_write_markdown_and_m
             (meta["prompt_tokens"], meta["audio_tokens"], meta["output_tokens"])
         assert abs(item["tokens"]["estimated_audio"] - 96) <= 1  # 3 s at 32 tokens a second
         for key in tokens_spent:
-            tokens_spent[key] += meta[f"{key}_tokens"]
+            tokens_spent[key] += meta[f"{key}_tokens"] or 0
         assert daemon.cli("result", str(item["id"])).stdout.strip() == record.response_text.strip()
     transcript = (results / f"{stem}.transcribe.md").read_text()
     assert transcript.startswith(f"# {stem}.wav\n")
@@ -634,7 +634,10 @@ def test_thinking_is_held_to_its_budget_so_it_does_not_eat_the_answer(
     assert {str(r.generation_config.get("thinkingConfig")) for r in sent} == {str(expected_config)}
     assert item["state"] == "done"
     meta = json.loads(Path(item["result_path"]).with_name("memo.transcribe.meta.json").read_text())
-    assert meta["thinking_tokens"] == thoughts
+    assert meta["thinking_tokens"] == thoughts == item["tokens"]["thinking"]
+    assert daemon.cli("status", "--json")["tokens_today"]["thinking"] == thoughts
+    assert f"(+{thoughts} thinking)" in daemon.cli("status").stdout
+    assert f" out (+{thoughts:,} thinking)" in Path(item["result_path"]).read_text()
 
 
 def test_a_transcript_that_stops_long_before_the_end_is_flagged_in_the_result(

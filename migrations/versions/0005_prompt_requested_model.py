@@ -1,4 +1,4 @@
-"""prompt requested model (kept when a prompt falls back to another model)
+"""prompt requested model (kept when a prompt falls back to another model), 500s in a row, thinking tokens
 
 Revision ID: 0005
 Revises: 0004
@@ -21,9 +21,11 @@ def upgrade() -> None:
     with op.batch_alter_table('prompts', schema=None) as batch_op:
         batch_op.add_column(sa.Column('requested_model', sa.String(length=64), nullable=True))
         batch_op.add_column(sa.Column('internal_errors', sa.Integer(), nullable=False, server_default='0'))
+        batch_op.add_column(sa.Column('thinking_tokens', sa.Integer(), nullable=True))
 
 
 def downgrade() -> None:
     with op.batch_alter_table('prompts', schema=None) as batch_op:
+        batch_op.drop_column('thinking_tokens')
         batch_op.drop_column('internal_errors')
         batch_op.drop_column('requested_model')
