@@ -35,7 +35,7 @@ from daemon.errors import PermanentError, TransientError
 from daemon.gemini import FilePart, Generation, InlinePart
 from daemon.lifecycle import RecordingState as S
 from daemon.policy import Action
-from db.models import Prompt, PromptRecording, Recording
+from db.models import Prompt, PromptRecording, Recording, TokenUsage
 from db.session import session_scope
 
 log = logging.getLogger(__name__)
@@ -445,11 +445,20 @@ def _generate(ctx: Context, job: Job, parts: list[FilePart | InlinePart | str], 
                                      max_output_tokens=_budget(ctx, prompt),
                                      thinking_budget=_thinking_budget(ctx))
     ctx.waiting.clear_network_problems()
+    _record_usage(ctx, prompt, generation)
     if generation.finish_reason != "STOP":
         raise Truncated(f"the answer stopped early (finish reason {generation.finish_reason})")
     if not generation.text.strip():
         raise Truncated("the answer was empty (finish reason STOP)")
     return generation
+
+
+def _record_usage(ctx: Context, prompt: Prompt, generation: Generation) -> None:
+    with session_scope(ctx.sessions) as session:
+        session.add(TokenUsage(at=ctx.now(), prompt_id=prompt.id, model=prompt.model,
+                               finish_reason=generation.finish_reason, prompt_tokens=generation.prompt_tokens or 0,
+                               audio_tokens=generation.audio_tokens or 0, output_tokens=generation.output_tokens or 0,
+                               thinking_tokens=generation.thinking_tokens or 0))
 
 
 def _meta(generation: Generation, *, delivery: str, chunks: int | None = None, fixes: list[str] | None = None,

@@ -152,6 +152,23 @@ class Prompt(Base):
     )
 
 
+class TokenUsage(Base):
+    """The usage of one generateContent answer, cut off or not: what `status` sums as the tokens spent today,
+    since every answer is billed, including the ones retried with a larger budget."""
+
+    __tablename__ = "token_usage"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    prompt_id: Mapped[int | None] = mapped_column(ForeignKey("prompts.id", ondelete="SET NULL"))
+    model: Mapped[str] = mapped_column(String(64))
+    finish_reason: Mapped[str | None] = mapped_column(String(32))
+    prompt_tokens: Mapped[int] = mapped_column(default=0)
+    audio_tokens: Mapped[int] = mapped_column(default=0)
+    output_tokens: Mapped[int] = mapped_column(default=0)
+    thinking_tokens: Mapped[int] = mapped_column(default=0)
+
+
 class PromptRecording(Base):
     """Which recordings a prompt covers, in order."""
 

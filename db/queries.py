@@ -7,7 +7,7 @@ from datetime import datetime
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from db.models import DaemonState, Prompt, Recording
+from db.models import DaemonState, Prompt, Recording, TokenUsage
 
 # Recordings whose remote copy counts against the project's storage quota.
 REMOTE_STATES = ("uploading", "processing", "active")
@@ -48,9 +48,9 @@ def upload_backlog(session: Session) -> tuple[int, int]:
 
 
 def tokens_since(session: Session, since: datetime) -> dict[str, int]:
-    """Tokens spent by prompts finished since `since` (thinking is billed as output, so it is counted too)."""
+    """Tokens of every answer since `since`, cut-off ones included (all are billed; thinking counts as output)."""
     prompt, audio, output, thinking = session.execute(
-        select(func.coalesce(func.sum(Prompt.prompt_tokens), 0), func.coalesce(func.sum(Prompt.audio_tokens), 0),
-               func.coalesce(func.sum(Prompt.output_tokens), 0), func.coalesce(func.sum(Prompt.thinking_tokens), 0))
-        .where(Prompt.finished_at >= since)).one()
+        select(*(func.coalesce(func.sum(column), 0) for column in (
+            TokenUsage.prompt_tokens, TokenUsage.audio_tokens, TokenUsage.output_tokens, TokenUsage.thinking_tokens)))
+        .where(TokenUsage.at >= since)).one()
     return {"prompt": int(prompt), "audio": int(audio), "output": int(output), "thinking": int(thinking)}

@@ -635,8 +635,11 @@ def test_thinking_is_held_to_its_budget_so_it_does_not_eat_the_answer(
     assert item["state"] == "done"
     meta = json.loads(Path(item["result_path"]).with_name("memo.transcribe.meta.json").read_text())
     assert meta["thinking_tokens"] == thoughts == item["tokens"]["thinking"]
-    assert daemon.cli("status", "--json")["tokens_today"]["thinking"] == thoughts
-    assert f"(+{thoughts} thinking)" in daemon.cli("status").stdout
+    # Today's tokens count every answer, the cut-off ones too: each was billed.
+    today = daemon.cli("status", "--json")["tokens_today"]
+    assert today["thinking"] == thoughts * len(sent)
+    assert today["output"] == sum(r.usage.get("candidatesTokenCount", 0) for r in sent)
+    assert f"(+{thoughts * len(sent)} thinking)" in daemon.cli("status").stdout
     assert f" out (+{thoughts:,} thinking)" in Path(item["result_path"]).read_text()
 
 
