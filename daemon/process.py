@@ -27,7 +27,7 @@ import click
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from daemon import conversion, lifecycle, logs, prompts, remote, uploader
+from daemon import conversion, intake, lifecycle, logs, prompts, remote, uploader
 from daemon.cli import prompt_json, recording_json
 from daemon.config import Settings, find_api_key
 from daemon.context import Context
@@ -36,7 +36,7 @@ from daemon.gemini import GeminiClient, display_name_for
 from daemon.lifecycle import RecordingState as S
 from daemon.prompts import PromptState as P
 from daemon.service import AlreadyRunning, Daemon, acquire_lock
-from db.models import Prompt, Recording, SourceAlias
+from db.models import Prompt, PromptRecording, Recording, SourceAlias
 from db.session import make_engine, make_sessionmaker, session_scope, upgrade_to_head
 
 log = logging.getLogger(__name__)
@@ -131,7 +131,10 @@ class Pipeline:
             known = known or session.scalar(select(SourceAlias.recording_id).where(
                 SourceAlias.path == path, SourceAlias.size == size, SourceAlias.mtime_ns == mtime_ns))
             if known is None:
-                known = lifecycle.discover(session, path=path, size=size, mtime_ns=mtime_ns, watch_root=None,
+                # A file inside a drop folder belongs to it, as if the daemon had found it: its prompts run too.
+                watch = intake.watch_for(item.path, self.settings)
+                known = lifecycle.discover(session, path=path, size=size, mtime_ns=mtime_ns,
+                                           watch_root=str(watch.path) if watch else None,
                                            closed_after_write=True, now=self.ctx.now()).id
             item.recording_id = known
             item.reused = session.get(Recording, known).state != S.DISCOVERED.value  # type: ignore[union-attr]
@@ -206,12 +209,22 @@ class Pipeline:
 
     def prompt(self, session: Session, item: Item, rid: int, busy: set[tuple[str, int]], work: list[Any]) -> None:
         now = self.ctx.now()
-        if self.specs and self.ctx.client is None:  # uploaded earlier, but no key to prompt with now
-            item.done, item.note = True, "no API key: prompts need one; set GEMINI_API_KEY (or gemini.api_key_file)"
+        # The drop folder's prompts, queued when the recording was converted, run here as well; a template
+        # asked for on the command line is not queued a second time.
+        folder_prompts = [] if rid in self.prompt_ids else session.scalars(
+            select(Prompt).join(PromptRecording).where(PromptRecording.recording_id == rid,
+                                                       Prompt.state.in_((P.QUEUED.value, P.RUNNING.value)))).all()
+        if self.ctx.client is None:  # uploaded earlier, but no key to prompt with now
+            item.done = True
+            if self.specs or folder_prompts:
+                item.note = "no API key: prompts need one; set GEMINI_API_KEY (or gemini.api_key_file)"
             return
         if rid not in self.prompt_ids:
-            self.prompt_ids[rid] = []
+            self.prompt_ids[rid] = [queued.id for queued in folder_prompts]
+            queued_templates = {queued.template for queued in folder_prompts}
             for template, text in self.specs:
+                if template is not None and template in queued_templates:
+                    continue
                 request = prompts.request_for(self.settings, [rid], template=template, prompt_text=text)
                 try:
                     self.prompt_ids[rid].append(prompts.enqueue(session, request, now=now).id)

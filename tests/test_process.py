@@ -114,3 +114,27 @@ def test_the_same_file_given_twice_or_copied_is_converted_once(tmp_path: Path) -
     again = json.loads(run_cli(setup.config_path, "process", str(copy), str(source), "--json", env=setup.env).stdout)
     assert [(f["id"], f["reused"]) for f in again["files"]] == [(item["id"], True), (item["id"], True)]
     assert converting_events(setup, item["id"]) == 1
+
+
+def test_a_file_inside_a_drop_folder_gets_the_folders_prompts_once(tmp_path: Path, emulator: Emulator) -> None:
+    inbox = tmp_path / "d" / "inbox"
+    setup = DaemonProcess(tmp_path / "d", base_url=emulator.base_url,  # config and env only; no daemon runs
+                          watch=[{"path": str(inbox), "prompts": ["summarize"]}])
+    inbox.mkdir(parents=True, exist_ok=True)
+    inside = media.make_tone(inbox / "standup.wav", 2.0)
+    outside = media.make_tone(made(tmp_path) / "memo.wav", 2.5)
+
+    run = setup.cli("process", str(inside), str(outside), "--template", "summarize", "--template", "transcribe",
+                    "--json")
+
+    done = {(Path(f["path"]).name, p["template"]) for f in run["files"] for p in f["prompts"]}
+    assert done == {("standup.wav", "summarize"), ("standup.wav", "transcribe"),
+                    ("memo.wav", "summarize"), ("memo.wav", "transcribe")}
+    prompts = setup.cli("prompts", "--json")
+    assert sorted(p["template"] for p in prompts) == ["summarize", "summarize", "transcribe", "transcribe"]
+    assert all(p["state"] == "done" for p in prompts), prompts
+    # Without --template the folder's own prompt still runs for a file in the folder, and none for one outside.
+    another = media.make_tone(inbox / "retro.wav", 3.0)
+    run = setup.cli("process", str(another), "--json")
+    [item] = run["files"]
+    assert [p["template"] for p in item["prompts"]] == ["summarize"] and item["prompts"][0]["state"] == "done"
