@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, selectinload
 
 from daemon import chunking, lifecycle, policy, results, transcode
 from daemon.config import Settings, Template
@@ -354,16 +354,19 @@ def parts_to_count(settings: Settings, prompt: Prompt, recordings: list[Recordin
 
 
 def needs_remote_copies(session: Session, settings: Settings) -> set[int]:
-    """Recordings whose remote copy a queued or running prompt will use: never evicted, re-uploaded when expired."""
-    active_prompts = session.scalars(select(Prompt).where(Prompt.state.in_((P.QUEUED.value, P.RUNNING.value)))).all()
+    """Recordings whose remote copy a queued or running prompt will use: never evicted, re-uploaded when expired.
+    Every upload tick asks, so it reads in three queries however long the queue is."""
+    active_prompts = session.scalars(select(Prompt).options(selectinload(Prompt.recordings))
+                                     .where(Prompt.state.in_((P.QUEUED.value, P.RUNNING.value)))).all()
     users: dict[int, int] = defaultdict(int)
     for prompt in active_prompts:
         for link in prompt.recordings:
             users[link.recording_id] += 1
+    by_id = {r.id: r for r in session.scalars(select(Recording).where(Recording.id.in_(users)))}
     needed: set[int] = set()
     for prompt in active_prompts:
         ids = [link.recording_id for link in prompt.recordings]
-        recordings = [r for r in (session.get(Recording, rid) for rid in ids) if r is not None]
+        recordings = [by_id[rid] for rid in ids if rid in by_id]
         shared = any(users[rid] > 1 for rid in ids)
         if planned_delivery(settings, prompt, recordings, shared=shared) == "files":
             needed.update(ids)
