@@ -1,19 +1,31 @@
-"""Settings: frozen dataclasses read from TOML, with the lookup order of PRODUCT.md.
+"""Settings: one pydantic schema for the TOML file, with the lookup order of PRODUCT.md.
 
-Every problem in a file is collected and reported at once, naming the file and the key; unknown keys are
-errors. The API key is never read from the TOML itself, only from the environment, a key file or a systemd
-credential, and it is never printed.
+The schema below holds every key's type, default, bounds, allowed values and one-line description; the README's
+configuration reference is rendered from it (`reference_markdown`). Every problem in a file is reported at once,
+naming the file and the key; unknown keys are errors. The API key is never read from the TOML itself, only from
+the environment, a key file or a systemd credential, and it is never printed.
+
+The settings classes are frozen pydantic dataclasses: `dataclasses.replace` works on them (and validates).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import tomllib
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, get_args, get_origin
+from urllib.parse import urlsplit
+
+from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, Strict, TypeAdapter, ValidationError
+from pydantic import ValidationInfo, field_validator
+from pydantic.dataclasses import dataclass
+from pydantic.fields import FieldInfo
+from pydantic_core import ErrorDetails, PydanticCustomError
 
 from daemon.errors import ConfigError
+from daemon.transcode import FORMATS
 
 BUILTIN_TEMPLATES = {
     "transcribe": (
@@ -23,101 +35,228 @@ BUILTIN_TEMPLATES = {
     "summarize": "Summarize this recording in five bullet points.",
 }
 
-FORMATS = ("opus", "vorbis", "mp3")
+API_KEY_VARIABLES = ("GEMINI_API_KEY", "GOOGLE_API_KEY")
+DATABASE_URL_VARIABLE = "AUDIODROP_DATABASE_URL"
+POSTGRES_FORM = "postgresql+psycopg://USER@HOST:PORT/DB"
+
+# Validated by the name the file uses (alias); `validate_by_name` only serves code that builds settings itself.
+_TABLE = ConfigDict(extra="forbid", validate_by_name=True, validate_by_alias=True)
 
 
-@dataclass(frozen=True)
+def _expand(value: object) -> object:
+    return Path(os.path.expandvars(value)).expanduser() if isinstance(value, str) else value
+
+
+def _upper(value: object) -> object:
+    return value.upper() if isinstance(value, str) else value
+
+
+def _format_name(value: str) -> str:
+    if value not in FORMATS:
+        raise PydanticCustomError("one_of", f"expected one of {', '.join(FORMATS)}, got {value!r}")
+    return value
+
+
+def _known_template(name: str, info: ValidationInfo) -> str:
+    known = (info.context or {}).get("templates")
+    if known is not None and name not in known:
+        raise PydanticCustomError("unknown_template",
+                                  f"unknown template {name!r} (known: {', '.join(sorted(known))})")
+    return name
+
+
+def _database_url(value: str) -> str:
+    """SQLite or PostgreSQL through psycopg. The value is never echoed: it may hold a password."""
+    scheme, found, _ = value.partition("://")
+    if scheme == "sqlite" and value.startswith("sqlite:///") and len(value) > len("sqlite:///"):
+        return value
+    if scheme == "postgresql+psycopg" and urlsplit(value).hostname and urlsplit(value).path.strip("/"):
+        return value
+    what = f"the scheme {scheme!r} is not supported" if found and scheme not in ("sqlite", "postgresql+psycopg") \
+        else "not a usable database URL"
+    raise PydanticCustomError("database_url", f"{what}; use {POSTGRES_FORM} (fleet mode), sqlite:///PATH, "
+                                              "or leave it out for the SQLite file in state_dir")
+
+
+# TOML integers are fine where a float is expected; booleans are never numbers, strings never booleans.
+Int = Annotated[int, Strict()]
+Float = Annotated[float, Strict()]
+Bool = Annotated[bool, Strict()]
+UserPath = Annotated[Path, BeforeValidator(_expand)]  # "~" and $VARS expanded
+FormatName = Annotated[str, AfterValidator(_format_name)]
+TemplateName = Annotated[str, AfterValidator(_known_template)]
+_FORMAT_CHOICES = ", ".join(f"{name} ({fmt.mime_type})" for name, fmt in FORMATS.items())
+
+
+@dataclass(frozen=True, config=_TABLE)
 class Watch:
-    path: Path
-    recursive: bool = True
-    prompts: tuple[str, ...] = ()
-    include: tuple[str, ...] = ("*",)
-    exclude: tuple[str, ...] = ()
-    # None: decide at start from the filesystem type (network and FUSE mounts are polled).
-    poll: bool | None = None
+    path: Annotated[UserPath, AfterValidator(Path.absolute)] = Field(
+        description="the folder to watch", examples=["/srv/recordings/inbox"])
+    recursive: Bool = Field(True, description="watch its subfolders too")
+    prompts: tuple[TemplateName, ...] = Field(
+        (), description="templates run on every new recording here", examples=[["transcribe"]])
+    include: tuple[str, ...] = Field(("*",), description="glob patterns on the name or the relative path")
+    exclude: tuple[str, ...] = Field((), description="glob patterns never taken", examples=[["*.txt", "drafts/*"]])
+    # None: decided at start from the filesystem type (inotify never fires on network and FUSE mounts).
+    poll: Bool | None = Field(
+        None, description="default: automatic (polling on NFS, SMB and FUSE mounts)", examples=[True])
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_TABLE)
 class GeminiSettings:
-    model: str = "gemini-2.5-flash"
-    storage_limit_bytes: int = 21_474_836_480
-    storage_headroom_bytes: int = 0
-    expiry_margin_seconds: int = 3600
-    api_key_file: Path | None = None
-    base_url: str | None = None
-    api_version: str | None = None
-    request_timeout_seconds: float = 60.0
-    upload_timeout_seconds: float = 300.0
-    processing_poll_seconds: float = 2.0
-    processing_timeout_seconds: float = 600.0
-    upload_workers: int = 2
-    # Re-upload every expired recording at once (when it fits without evicting), not only when a prompt needs it.
-    keep_resident: bool = False
-    reconcile_interval_seconds: float = 600.0
+    model: str = Field("gemini-2.5-flash", description="the model prompts use unless their template names one")
+    storage_limit_bytes: Int = Field(21_474_836_480, gt=0, description="the project's Files API quota")
+    storage_headroom_bytes: Int = Field(0, ge=0, description="room left for other tools in the same project")
+    expiry_margin_seconds: Int = Field(
+        3600, ge=0, description="never prompt with a file that expires sooner than this")
+    api_key_file: UserPath | None = Field(
+        None, description="else $GEMINI_API_KEY / $GOOGLE_API_KEY / systemd credential gemini-api-key",
+        examples=["/etc/audiodrop/key"])
+    base_url: str | None = Field(
+        None, description="a proxy or the local emulator (also $GOOGLE_GEMINI_BASE_URL)",
+        examples=["http://127.0.0.1:8765"])
+    api_version: str | None = Field(None, description="default: the SDK's", examples=["v1beta"])
+    request_timeout_seconds: Float = Field(60.0, gt=0, description="time limit of one API request")
+    upload_timeout_seconds: Float = Field(300.0, gt=0, description="time limit of one upload")
+    processing_poll_seconds: Float = Field(2.0, gt=0, description="files.get while a file is PROCESSING...")
+    processing_timeout_seconds: Float = Field(600.0, gt=0, description="...for at most this long, then a retry")
+    upload_workers: Int = Field(2, gt=0, description="uploads running at once")
+    keep_resident: Bool = Field(
+        False, description="re-upload expired recordings at once (when they fit), not only when a prompt needs them")
+    reconcile_interval_seconds: Float = Field(
+        600.0, gt=0, description="how often files.list is compared with the database")
+    # A storage refusal that files.list cannot explain (the server's count lags, or holds files nobody can list)
+    # is not retried in a loop: the pause doubles each time it repeats, up to 30 minutes.
+    storage_retry_seconds: Float = Field(
+        30.0, gt=0, description="first pause after the server refuses an upload as over quota unexplained")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_TABLE)
 class ConversionSettings:
-    format: str = "opus"
-    fallback_format: str = "vorbis"
-    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
-    ffmpeg: str = "ffmpeg"
-    ffprobe: str = "ffprobe"
+    format: FormatName = Field("opus", description=f"the upload encoding: {_FORMAT_CHOICES}")
+    fallback_format: FormatName = Field("vorbis", description="used for a recording if the API refuses the first")
+    workers: Int = Field(default_factory=lambda: os.cpu_count() or 1, gt=0, examples=[2],
+                         description="parallel ffmpeg processes (default: the number of cores)")
+    ffmpeg: str = Field("ffmpeg", description="the ffmpeg program (a bare name is looked up on PATH)")
+    ffprobe: str = Field("ffprobe", description="the ffprobe program (a bare name is looked up on PATH)")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_TABLE)
 class IntakeSettings:
-    # A file that got a close-after-write event is taken after this much quiet (writers that append in pieces).
-    close_quiet_seconds: float = 1.0
-    # Without a close event (renamed or moved in, network mounts) the size and mtime must hold this long.
-    settle_seconds: float = 5.0
-    scan_interval_seconds: float = 60.0
-    poll_interval_seconds: float = 2.0
+    # Writers that append in pieces close the file in between: a close event alone does not mean complete.
+    close_quiet_seconds: Float = Field(
+        0.2, ge=0, description="after a writer closes a file, it must stay unchanged this long")
+    settle_seconds: Float = Field(
+        5.0, gt=0, description="without a close event (moved in, renamed, polled), size and mtime must hold this long")
+    scan_interval_seconds: Float = Field(
+        300.0, gt=0, description="the catch-up scan that finds whatever the events missed")
+    poll_interval_seconds: Float = Field(
+        2.0, gt=0, description="how often polled folders (network drives) are looked at")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_TABLE)
 class PromptSettings:
-    # "auto": a small recording whose remote copy is not live goes inline instead of being re-uploaded.
-    inline: str = "auto"
-    # Total request size cap for inline data, counted after base64 (the API's limit; newer docs say 100 MB).
-    inline_limit_bytes: int = 20 * 1024 * 1024
-    max_output_tokens: int = 8192
-    max_output_tokens_limit: int = 65536
-    # Long transcripts are split into chunks sized by the output budget (15-30 min), overlapping slightly.
-    chunk_seconds: float = 1200.0
-    chunk_overlap_seconds: float = 10.0
-    requests_per_minute: int = 10
-    workers: int = 2
-    # Thinking models spend part of max_output_tokens thinking before they answer, which can cut a transcript
-    # short; this caps it. -1 leaves it to the model (for models that do not think, or to let it think freely).
-    thinking_budget: int = 1024
-    # Some models fail on audio with 500 INTERNAL for good (field notes: gemini-3.1-flash-lite): after
-    # fallback_after such answers in a row a prompt is sent to this model instead ("" never switches).
-    fallback_model: str = "gemini-2.5-flash"
-    fallback_after: int = 3
+    inline: Literal["auto", "never"] = Field(
+        "auto", description="auto: a small recording whose remote copy is not live goes inline; never: upload")
+    inline_limit_bytes: Int = Field(
+        20 * 1024 * 1024, gt=0, description="whole inline request, after base64 (newer API docs allow 100 MB)")
+    max_output_tokens: Int = Field(
+        8192, gt=0, description="doubled on a cut-off answer, up to max_output_tokens_limit, then split")
+    max_output_tokens_limit: Int = Field(
+        65536, gt=0, description="the largest budget a cut-off answer is retried with")
+    # Transcripts are split into chunks sized by the output budget (15-30 min), overlapping slightly.
+    chunk_seconds: Float = Field(1200.0, gt=0, description="long transcripts go in pieces this long...")
+    chunk_overlap_seconds: Float = Field(
+        10.0, ge=0, description="...overlapping this much, stitched on the recording's own timeline")
+    requests_per_minute: Int = Field(
+        10, gt=0, description="per model: a burst of recordings never becomes a storm of 429s")
+    workers: Int = Field(2, gt=0, description="prompts running at once")
+    generate_timeout_seconds: Float = Field(
+        600.0, gt=0, description="time limit of one generation call (long answers take minutes)")
+    # Thinking models spend part of max_output_tokens thinking before they answer, which can cut a transcript short.
+    thinking_budget: Int = Field(
+        1024, ge=-1, description="caps a thinking model's tokens, which count against max_output_tokens "
+                                 "(-1: the model decides, 0: none)")
+    # Some models fail on audio with 500 INTERNAL for good (field notes: gemini-3.1-flash-lite).
+    fallback_model: str = Field(
+        "gemini-2.5-flash", description='used after fallback_after 500 INTERNAL answers in a row ("": never switch)')
+    fallback_after: Int = Field(3, gt=0, description="how many such answers in a row switch the model")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_TABLE)
+class ServiceSettings:
+    # Work is claimed under a lease that the daemon renews while it works; a daemon that died or lost its
+    # database keeps no work longer than this.
+    lease_seconds: Float = Field(
+        60.0, ge=1, description="how long a claim on a piece of work holds without renewal")
+
+
+@dataclass(frozen=True, config=_TABLE)
 class Template:
-    name: str
-    prompt: str
-    model: str | None = None
-    system_instruction: str | None = None
-    output_format: str = "markdown"
+    prompt: str = Field(min_length=1, description="the text sent with the audio",
+                        examples=["Write the minutes of this meeting: decisions, action items with owners."])
+    model: str | None = Field(None, description="default: gemini.model", examples=["gemini-2.5-pro"])
+    system_instruction: str | None = Field(None, description="optional", examples=["Be concise."])
+    output_format: Literal["markdown", "text", "json"] = Field("markdown", description="markdown, text or json")
+    # The table's own name ([templates.NAME]), filled in by Settings; not a key.
+    name: str = Field("", init=False, exclude=True)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_TABLE)
 class Settings:
-    state_dir: Path
-    results_dir: Path
-    watches: tuple[Watch, ...]
-    gemini: GeminiSettings = GeminiSettings()
-    conversion: ConversionSettings = ConversionSettings()
-    intake: IntakeSettings = IntakeSettings()
-    prompts: PromptSettings = PromptSettings()
-    templates: dict[str, Template] = field(default_factory=dict)
-    log_level: str = "INFO"
-    source: Path | None = None
+    state_dir: UserPath = Field(
+        default_factory=lambda: _xdg("XDG_STATE_HOME", ".local/state") / "audiodrop", examples=["/var/lib/audiodrop"],
+        description="database and converted audio (default $XDG_STATE_HOME/audiodrop)")
+    results_dir: UserPath = Field(
+        default_factory=lambda data: data["state_dir"] / "results", examples=["/var/lib/audiodrop/results"],
+        description="prompt results as files (default state_dir/results)")
+    database_url: Annotated[str, AfterValidator(_database_url)] | None = Field(
+        None, examples=["postgresql+psycopg://audiodrop@db:5432/audiodrop"],
+        description=f"fleet mode (default: SQLite in state_dir; ${DATABASE_URL_VARIABLE} overrides it)")
+    log_level: Annotated[Literal["DEBUG", "INFO", "WARNING", "ERROR"], BeforeValidator(_upper)] = Field(
+        "INFO", description="DEBUG, INFO, WARNING or ERROR")
+    watches: tuple[Watch, ...] = Field(
+        default_factory=lambda: (Watch(path=Path.home() / "AudioDrop" / "inbox"),), alias="watch",
+        description="one table per drop folder (none given: ~/AudioDrop/inbox)")
+    gemini: GeminiSettings = Field(default_factory=GeminiSettings, description="the Gemini API")
+    conversion: ConversionSettings = Field(default_factory=ConversionSettings,
+                                           description="the compact mono copy ffmpeg makes")
+    intake: IntakeSettings = Field(default_factory=IntakeSettings,
+                                   description="when a dropped file counts as completely written")
+    prompts: PromptSettings = Field(default_factory=PromptSettings, description="how prompts run")
+    service: ServiceSettings = Field(default_factory=ServiceSettings, description="the daemon's work engine")
+    templates: dict[str, Template] = Field(
+        default_factory=dict, validate_default=True,
+        description="your own templates; transcribe and summarize are built in (and can be redefined)")
+    source: Path | None = Field(None, exclude=True, validate_default=True)  # the file read; not a key
+
+    @field_validator("templates", mode="before")
+    @classmethod
+    def _with_builtins(cls, value: object) -> object:
+        """A [templates.NAME] table for a built-in template only changes the keys it names."""
+        if not isinstance(value, dict):
+            return value
+        merged: dict[str, Any] = {name: {"prompt": text} for name, text in BUILTIN_TEMPLATES.items()}
+        for name, body in value.items():
+            builtin = merged.get(name)
+            merged[name] = {**builtin, **body} if isinstance(builtin, dict) and isinstance(body, dict) else body
+        return merged
+
+    @field_validator("templates")
+    @classmethod
+    def _named(cls, value: dict[str, Template]) -> dict[str, Template]:
+        for name, template in value.items():
+            object.__setattr__(template, "name", name)  # the frozen-dataclass idiom for a derived field
+        return value
+
+    @field_validator("source", mode="before")
+    @classmethod
+    def _set_by_loader(cls, value: object, info: ValidationInfo) -> object:
+        if info.context is None:  # built in code, e.g. dataclasses.replace()
+            return value
+        if value is not None:
+            raise PydanticCustomError("unexpected_keyword_argument", "unknown key")
+        return info.context["source"]
 
     @property
     def database_path(self) -> Path:
@@ -136,6 +275,9 @@ class Settings:
         return (self.state_dir.resolve(), self.results_dir.resolve())
 
 
+_SETTINGS = TypeAdapter(Settings)
+
+
 def _xdg(variable: str, fallback: str) -> Path:
     value = os.environ.get(variable)
     return Path(value) if value else Path.home() / fallback
@@ -152,242 +294,94 @@ def find_config_path(explicit: str | os.PathLike[str] | None = None) -> Path | N
 
 
 def load_settings(explicit: str | os.PathLike[str] | None = None) -> Settings:
+    """The settings from the file find_config_path names, or the defaults; ConfigError lists every problem."""
     path = find_config_path(explicit)
-    if path is None:
-        return _build({}, source=None)
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(str(path), ["the file does not exist"]) from None
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(str(path), [f"cannot be read: {err}"]) from None
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(str(path), [f"is not valid TOML: {err}"]) from None
+    from_env = bool(os.environ.get(DATABASE_URL_VARIABLE))
+    if from_env:
+        data = {**data, "database_url": os.environ[DATABASE_URL_VARIABLE]}
+    templates = data.get("templates")
+    known = set(BUILTIN_TEMPLATES) | (set(templates) if isinstance(templates, dict) else set())
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(str(path), ["the file does not exist"]) from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(str(path), [f"cannot be read: {err}"]) from None
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(str(path), [f"is not valid TOML: {err}"]) from None
-    return _build(data, source=path)
+        return _SETTINGS.validate_python(data, by_alias=True, by_name=False,
+                                         context={"source": path, "templates": known})
+    except ValidationError as err:
+        problems = [_problem(error, from_env) for error in err.errors()
+                    if error["type"] != "default_factory_not_called"]  # a consequence of another problem
+        raise ConfigError(str(path) if path else "default configuration", problems) from None
 
 
-class _Reader:
-    """Reads typed values out of TOML tables, collecting every problem instead of stopping at the first."""
-
-    def __init__(self) -> None:
-        self.problems: list[str] = []
-
-    def table(self, data: dict[str, Any], prefix: str, allowed: set[str]) -> dict[str, Any]:
-        for key in data:
-            if key not in allowed:
-                self.problems.append(f"{prefix}{key}: unknown key (allowed: {', '.join(sorted(allowed))})")
-        return data
-
-    def get(self, data: dict[str, Any], key: str, prefix: str, kind: type | tuple[type, ...], default: Any) -> Any:
-        if key not in data:
-            return default
-        value = data[key]
-        # TOML integers are acceptable where a float is expected; booleans are not numbers here.
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if isinstance(value, bool) and kind in (int, float):
-            self.problems.append(f"{prefix}{key}: expected a number, got {value!r}")
-            return default
-        if not isinstance(value, kind):
-            expected = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-            self.problems.append(f"{prefix}{key}: expected {expected}, got {type(value).__name__} {value!r}")
-            return default
-        return value
-
-    def positive(self, data: dict[str, Any], key: str, prefix: str, kind: type, default: Any) -> Any:
-        value = self.get(data, key, prefix, kind, default)
-        if value is not None and value <= 0:
-            self.problems.append(f"{prefix}{key}: must be greater than 0, got {value}")
-            return default
-        return value
-
-    def strings(self, data: dict[str, Any], key: str, prefix: str, default: tuple[str, ...]) -> tuple[str, ...]:
-        value = self.get(data, key, prefix, list, None)
-        if value is None:
-            return default
-        if not all(isinstance(item, str) for item in value):
-            self.problems.append(f"{prefix}{key}: expected a list of strings, got {value!r}")
-            return default
-        return tuple(value)
+# How pydantic's error types read to a person; "{got}" is the offending value, "{allowed}" the table's keys.
+_MESSAGES = {
+    "missing": "missing ({description})",
+    "unexpected_keyword_argument": "unknown key (allowed: {allowed})",
+    "greater_than": "must be greater than {gt:g}, got {got}",
+    "greater_than_equal": "must be at least {ge:g}, got {got}",
+    "int_type": "expected an integer, got {got}",
+    "float_type": "expected a number, got {got}",
+    "bool_type": "expected a boolean (true or false), got {got}",
+    "string_type": "expected a string, got {got}",
+    "path_type": "expected a string (a path), got {got}",
+    "tuple_type": "expected an array, got {got}",
+    "dict_type": "expected a table, got {got}",
+    "dataclass_type": "expected a table, got {got}",
+    "literal_error": "expected {expected}, got {got}",
+    "string_too_short": "must not be empty",
+}
 
 
-def _path(value: str) -> Path:
-    return Path(os.path.expandvars(value)).expanduser()
+def _problem(error: ErrorDetails, database_url_from_env: bool) -> str:
+    """One pydantic error as "dotted.key: message", with watch[N] indexes."""
+    loc = error["loc"]
+    keys, field = _lookup(loc)
+    if error["type"] not in _MESSAGES:
+        message = error["msg"]  # ours (PydanticCustomError) already read well
+    else:
+        given = error["input"]
+        got = "a table" if isinstance(given, dict) else (repr(given) if len(repr(given)) <= 60
+                                                         else repr(given)[:57] + "...")
+        message = _MESSAGES[error["type"]].format(
+            **error.get("ctx", {}), got=got, allowed=", ".join(keys),
+            description=field.description if field and field.description else "required")
+    key = "".join(f"[{part}]" if isinstance(part, int) else f".{_toml_key(part)}" for part in loc).lstrip(".")
+    if database_url_from_env and loc == ("database_url",):
+        key = f"${DATABASE_URL_VARIABLE}"
+    return f"{key}: {message}" if key else message
 
 
-def _build(data: dict[str, Any], source: Path | None) -> Settings:
-    read = _Reader()
-    top_keys = {"state_dir", "results_dir", "watch", "gemini", "conversion", "intake", "prompts", "templates",
-                "log_level"}
-    read.table(data, "", top_keys)
-
-    default_state = _xdg("XDG_STATE_HOME", ".local/state") / "audiodrop"
-    state_dir = _path(read.get(data, "state_dir", "", str, str(default_state)))
-    results_dir = _path(read.get(data, "results_dir", "", str, str(state_dir / "results")))
-
-    watches = _read_watches(read, data)
-    gemini = _read_gemini(read, read.get(data, "gemini", "", dict, {}))
-    conversion = _read_conversion(read, read.get(data, "conversion", "", dict, {}))
-    intake = _read_intake(read, read.get(data, "intake", "", dict, {}))
-    templates = _read_templates(read, read.get(data, "templates", "", dict, {}))
-    prompts = _read_prompts(read, read.get(data, "prompts", "", dict, {}))
-
-    for watch in watches:
-        for name in watch.prompts:
-            if name not in templates:
-                read.problems.append(f"watch {watch.path}: prompts names unknown template {name!r}")
-
-    log_level = read.get(data, "log_level", "", str, "INFO").upper()
-    if log_level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
-        read.problems.append(f"log_level: expected DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
-
-    if read.problems:
-        raise ConfigError(str(source) if source else "default configuration", read.problems)
-    return Settings(
-        state_dir=state_dir,
-        results_dir=results_dir,
-        watches=watches,
-        gemini=gemini,
-        conversion=conversion,
-        intake=intake,
-        prompts=prompts,
-        templates=templates,
-        log_level=log_level,
-        source=source,
-    )
+def _keys(node: object) -> dict[str, FieldInfo]:
+    """The keys a table of this settings class may hold, by the name the file uses."""
+    fields: dict[str, FieldInfo] = getattr(node, "__pydantic_fields__", {})
+    return {info.alias or name: info for name, info in fields.items() if not info.exclude}
 
 
-def _read_watches(read: _Reader, data: dict[str, Any]) -> tuple[Watch, ...]:
-    if "watch" not in data:
-        return (Watch(path=Path.home() / "AudioDrop" / "inbox"),)
-    tables = data["watch"]
-    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
-        read.problems.append("watch: expected [[watch]] tables")
-        return ()
-    watches = []
-    for index, table in enumerate(tables):
-        prefix = f"watch[{index}]."
-        read.table(table, prefix, {"path", "recursive", "prompts", "include", "exclude", "poll"})
-        if "path" not in table:
-            read.problems.append(f"{prefix}path: missing (the folder to watch)")
-            continue
-        raw_path = read.get(table, "path", prefix, str, "")
-        poll = read.get(table, "poll", prefix, bool, None)
-        watches.append(
-            Watch(
-                path=_path(raw_path).absolute(),
-                recursive=read.get(table, "recursive", prefix, bool, True),
-                prompts=read.strings(table, "prompts", prefix, ()),
-                include=read.strings(table, "include", prefix, ("*",)),
-                exclude=read.strings(table, "exclude", prefix, ()),
-                poll=poll,
-            )
-        )
-    return tuple(watches)
+def _lookup(loc: tuple[int | str, ...]) -> tuple[dict[str, FieldInfo], FieldInfo | None]:
+    """The keys allowed where loc's last part sits, and the field it names (None if it names none)."""
+    node: object = Settings
+    keys: dict[str, FieldInfo] = {}
+    field: FieldInfo | None = None
+    for part in loc:
+        if hasattr(node, "__pydantic_fields__"):
+            keys = _keys(node)
+            field = keys.get(str(part))
+            node = field.annotation if field else None
+        else:  # an element of [[watch]] or [templates.NAME]
+            field, args = None, get_args(node)
+            node = args[-1] if get_origin(node) is dict else args[0] if args else None
+    return keys, field
 
 
-def _read_gemini(read: _Reader, table: dict[str, Any]) -> GeminiSettings:
-    p = "gemini."
-    defaults = GeminiSettings()
-    read.table(table, p, set(GeminiSettings.__dataclass_fields__))
-    key_file = read.get(table, "api_key_file", p, str, None)
-    return GeminiSettings(
-        model=read.get(table, "model", p, str, defaults.model),
-        storage_limit_bytes=read.positive(table, "storage_limit_bytes", p, int, defaults.storage_limit_bytes),
-        storage_headroom_bytes=read.get(table, "storage_headroom_bytes", p, int, defaults.storage_headroom_bytes),
-        expiry_margin_seconds=read.get(table, "expiry_margin_seconds", p, int, defaults.expiry_margin_seconds),
-        api_key_file=_path(key_file) if key_file else None,
-        base_url=read.get(table, "base_url", p, str, None),
-        api_version=read.get(table, "api_version", p, str, None),
-        request_timeout_seconds=read.positive(table, "request_timeout_seconds", p, float, 60.0),
-        upload_timeout_seconds=read.positive(table, "upload_timeout_seconds", p, float, 300.0),
-        processing_poll_seconds=read.positive(table, "processing_poll_seconds", p, float, 2.0),
-        processing_timeout_seconds=read.positive(table, "processing_timeout_seconds", p, float, 600.0),
-        upload_workers=read.positive(table, "upload_workers", p, int, 2),
-        keep_resident=read.get(table, "keep_resident", p, bool, False),
-        reconcile_interval_seconds=read.positive(table, "reconcile_interval_seconds", p, float, 600.0),
-    )
-
-
-def _read_conversion(read: _Reader, table: dict[str, Any]) -> ConversionSettings:
-    p = "conversion."
-    read.table(table, p, set(ConversionSettings.__dataclass_fields__))
-    defaults = ConversionSettings()
-    settings = ConversionSettings(
-        format=read.get(table, "format", p, str, defaults.format),
-        fallback_format=read.get(table, "fallback_format", p, str, defaults.fallback_format),
-        workers=read.positive(table, "workers", p, int, defaults.workers),
-        ffmpeg=read.get(table, "ffmpeg", p, str, defaults.ffmpeg),
-        ffprobe=read.get(table, "ffprobe", p, str, defaults.ffprobe),
-    )
-    for key in ("format", "fallback_format"):
-        if getattr(settings, key) not in FORMATS:
-            read.problems.append(f"{p}{key}: expected one of {', '.join(FORMATS)}, got {getattr(settings, key)!r}")
-    return settings
-
-
-def _read_intake(read: _Reader, table: dict[str, Any]) -> IntakeSettings:
-    p = "intake."
-    read.table(table, p, set(IntakeSettings.__dataclass_fields__))
-    defaults = IntakeSettings()
-    return IntakeSettings(
-        close_quiet_seconds=read.get(table, "close_quiet_seconds", p, float, defaults.close_quiet_seconds),
-        settle_seconds=read.positive(table, "settle_seconds", p, float, defaults.settle_seconds),
-        scan_interval_seconds=read.positive(table, "scan_interval_seconds", p, float, defaults.scan_interval_seconds),
-        poll_interval_seconds=read.positive(table, "poll_interval_seconds", p, float, defaults.poll_interval_seconds),
-    )
-
-
-def _read_prompts(read: _Reader, table: dict[str, Any]) -> PromptSettings:
-    p = "prompts."
-    read.table(table, p, set(PromptSettings.__dataclass_fields__))
-    d = PromptSettings()
-    settings = PromptSettings(
-        inline=read.get(table, "inline", p, str, d.inline),
-        inline_limit_bytes=read.positive(table, "inline_limit_bytes", p, int, d.inline_limit_bytes),
-        max_output_tokens=read.positive(table, "max_output_tokens", p, int, d.max_output_tokens),
-        max_output_tokens_limit=read.positive(table, "max_output_tokens_limit", p, int, d.max_output_tokens_limit),
-        chunk_seconds=read.positive(table, "chunk_seconds", p, float, d.chunk_seconds),
-        chunk_overlap_seconds=read.get(table, "chunk_overlap_seconds", p, float, d.chunk_overlap_seconds),
-        requests_per_minute=read.positive(table, "requests_per_minute", p, int, d.requests_per_minute),
-        workers=read.positive(table, "workers", p, int, d.workers),
-        thinking_budget=read.get(table, "thinking_budget", p, int, d.thinking_budget),
-        fallback_model=read.get(table, "fallback_model", p, str, d.fallback_model),
-        fallback_after=read.positive(table, "fallback_after", p, int, d.fallback_after),
-    )
-    if settings.thinking_budget < -1:
-        read.problems.append(f"{p}thinking_budget: expected -1 (the model decides), 0 (no thinking) or more, "
-                             f"got {settings.thinking_budget}")
-    if settings.inline not in ("auto", "never"):
-        read.problems.append(f"{p}inline: expected auto or never, got {settings.inline!r}")
-    return settings
-
-
-def _read_templates(read: _Reader, table: dict[str, Any]) -> dict[str, Template]:
-    templates = {name: Template(name=name, prompt=text) for name, text in BUILTIN_TEMPLATES.items()}
-    for name, body in table.items():
-        p = f"templates.{name}."
-        if not isinstance(body, dict):
-            read.problems.append(f"templates.{name}: expected a table with at least prompt = \"...\"")
-            continue
-        read.table(body, p, {"prompt", "model", "system_instruction", "output_format"})
-        prompt = read.get(body, "prompt", p, str, templates.get(name, Template(name, "")).prompt)
-        if not prompt:
-            read.problems.append(f"{p}prompt: missing (the text sent with the audio)")
-        output_format = read.get(body, "output_format", p, str, "markdown")
-        if output_format not in ("markdown", "text", "json"):
-            read.problems.append(f"{p}output_format: expected markdown, text or json, got {output_format!r}")
-        templates[name] = Template(
-            name=name,
-            prompt=prompt,
-            model=read.get(body, "model", p, str, None),
-            system_instruction=read.get(body, "system_instruction", p, str, None),
-            output_format=output_format,
-        )
-    return templates
-
-
-API_KEY_VARIABLES = ("GEMINI_API_KEY", "GOOGLE_API_KEY")
+def _toml_key(part: str) -> str:
+    return part if re.fullmatch(r"[A-Za-z0-9_-]+", part) else json.dumps(part)
 
 
 def find_api_key(settings: Settings) -> tuple[str | None, str]:
@@ -412,3 +406,72 @@ def find_api_key(settings: Settings) -> tuple[str | None, str]:
         if key:
             return key, "systemd credential gemini-api-key"
     return None, "none found"
+
+
+_EXAMPLE_TEMPLATE = "minutes"
+
+
+def schema_keys() -> dict[str, tuple[str, ...]]:
+    """Each table of the file and its keys: "" (the top level), "[[watch]]", "[gemini]", ... "[templates.minutes]"."""
+    return {header: tuple(keys) for header, _, keys in _tables()}
+
+
+def reference_markdown() -> str:
+    """The README's configuration reference: a TOML file with every key, its default (or, where the default is
+    computed or absent, an example) and its description. Keys that are absent by default are commented out."""
+    lines = ["```toml"]
+    for header, description, keys in _tables():
+        lines += ["", *_aligned([(header, description)])] if header else []
+        lines += _rows(keys)
+    return "\n".join([*lines, "```", ""])
+
+
+def _tables() -> list[tuple[str, str, dict[str, FieldInfo]]]:
+    """(header, description, keys) of each table, the top level first with the header ""."""
+    top = _keys(Settings)
+    nested = {key: field for key, field in top.items() if _keys(_element(field.annotation))}
+    tables = [("", "", {key: field for key, field in top.items() if key not in nested})]
+    for key, field in nested.items():
+        origin = get_origin(field.annotation)
+        header = f"[[{key}]]" if origin is tuple else f"[{key}.{_EXAMPLE_TEMPLATE}]" if origin is dict else f"[{key}]"
+        tables.append((header, field.description or "", _keys(_element(field.annotation))))
+    return tables
+
+
+def _element(annotation: object) -> object:
+    """The settings class of a table, of each [[array]] item, or of each [table.NAME]."""
+    args, origin = get_args(annotation), get_origin(annotation)
+    return args[-1] if origin is dict else args[0] if origin is tuple else annotation
+
+
+def _rows(keys: dict[str, FieldInfo]) -> list[str]:
+    rows = []
+    for key, field in keys.items():
+        static = not field.is_required() and field.default_factory is None
+        default = field.default if static else None
+        value = field.examples[0] if field.examples else default
+        note = field.description or ""
+        if default is not None and value != default:
+            note += f" (default {_toml(default)})"
+        # A key that is absent by default is shown commented out: its example would change what happens.
+        rows.append((f"{'# ' if static and default is None else ''}{key} = {_toml(value)}", note))
+    return _aligned(rows)
+
+
+def _aligned(rows: list[tuple[str, str]]) -> list[str]:
+    width = min(44, max((len(text) for text, _ in rows), default=0) + 2)
+    return [f"{text:<{max(width, len(text) + 2)}}# {note}" if note else text for text, note in rows]
+
+
+def _toml(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml(item) for item in value) + "]"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))  # a TOML basic string, for the plain text used here
+
+
+if __name__ == "__main__":
+    print(reference_markdown(), end="")

@@ -48,9 +48,10 @@ def test_every_problem_is_reported_at_once_with_file_and_key(tmp_path: Path) -> 
         load_settings(path)
     message = str(caught.value)
     assert str(path) in message
-    for expected in ("state_dr: unknown key", "gemini.storage_limit_bytes: expected int",
-                     "gemini.expiry_margin: unknown key", "watch[0].path: missing",
-                     "unknown template 'nonexistent'", "conversion.format: expected one of opus, vorbis, mp3"):
+    for expected in ("state_dr: unknown key", "gemini.storage_limit_bytes: expected an integer, got 'lots'",
+                     "gemini.expiry_margin: unknown key", "watch[0].path: missing (the folder to watch)",
+                     "watch[1].prompts[0]: unknown template 'nonexistent'",
+                     "conversion.format: expected one of opus, vorbis, mp3, got 'wav'"):
         assert expected in message
     assert len(caught.value.problems) == 6
 
@@ -104,19 +105,17 @@ def test_systemd_credential_is_a_key_source(tmp_path: Path, monkeypatch: pytest.
 
 
 def test_the_readme_configuration_reference_is_a_valid_file_with_every_setting(tmp_path: Path) -> None:
-    """The README's reference block is what newcomers copy: it must load, and name every setting there is."""
-    from daemon.config import ConversionSettings, GeminiSettings, IntakeSettings, PromptSettings, Watch
+    """The README's reference block is what newcomers copy: it must load, and name every key the schema has, each
+    in its own table (`python -m daemon.config` prints the block as the schema renders it)."""
+    from daemon.config import schema_keys
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     block = readme.split("## Configuration", 1)[1].split("```toml\n", 1)[1].split("```", 1)[0]
     (tmp_path / "config.toml").write_text(block, encoding="utf-8")
     settings = load_settings(tmp_path / "config.toml")
     assert settings.prompts.thinking_budget == 1024 and "minutes" in settings.templates
-    for name, fields in (("[[watch]]", Watch.__dataclass_fields__),
-                         ("[gemini]", GeminiSettings.__dataclass_fields__),
-                         ("[conversion]", ConversionSettings.__dataclass_fields__),
-                         ("[intake]", IntakeSettings.__dataclass_fields__),
-                         ("[prompts]", PromptSettings.__dataclass_fields__)):
-        section = block.split(name, 1)[1].split("\n[", 1)[0]
-        missing = [key for key in fields if f"{key} =" not in section]
-        assert not missing, f"README's {name} does not mention {missing}"
+    for header, keys in schema_keys().items():
+        assert not header or header in block, f"README's reference has no {header} table"
+        section = (block.split(header, 1)[1] if header else block).split("\n[", 1)[0]
+        missing = [key for key in keys if f"{key} =" not in section]
+        assert not missing, f"README's {header or 'top level'} does not mention {missing}"
