@@ -6,6 +6,7 @@ import base64
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import subprocess
@@ -21,7 +22,7 @@ import pytest
 from google import genai
 from google.genai import errors, types
 
-from tests.emulator import Emulator, Fault
+from tests.emulator import Emulator, Fault, analyse_audio, speech
 
 MiB = 1024 * 1024
 REPO = Path(__file__).resolve().parents[1]
@@ -568,3 +569,265 @@ def test_stop_leaves_no_threads_and_no_data(wav):
         emu.stop()
     assert set(threading.enumerate()) - before == set()
     assert not data_dir.exists()
+
+
+# ---- request log, hold fault ---------------------------------------------------------------------
+def test_request_log_keeps_three_fields_and_adds_time_model_and_route(emu, client):
+    t0 = time.time()
+    for model in ("gemini-2.5-flash", "gemini-2.5-flash", "gemini-2.5-pro"):
+        client.models.generate_content(model=model, contents="hi")
+    list(client.files.list())
+    reqs = emu.stats.requests
+    assert [(method, status) for method, _path, status in reqs] == [("POST", 200)] * 3 + [("GET", 200)]
+    assert [r.model for r in reqs] == ["gemini-2.5-flash", "gemini-2.5-flash", "gemini-2.5-pro", None]
+    assert [r.route for r in reqs] == ["generate"] * 3 + ["files_list"]
+    assert t0 <= reqs[0].time <= reqs[1].time <= reqs[-1].time <= time.time()
+    assert emu.requests_in_window(60) == 3 and emu.requests_in_window(60, model="gemini-2.5-pro") == 1
+    assert emu.requests_in_window(60, route="any") == 4 and emu.requests_in_window(60, route="batches") == 0
+    assert isinstance(control(emu, "state", method="GET")["stats"]["requests"][0][3], float)
+
+
+def test_requests_in_window_counts_the_busiest_window():
+    emu = make_emu()
+    for t in (1000.0, 1030.0, 1059.0, 1061.0, 1200.0):       # arrival times, as the handler logs them
+        emu._log_request("POST", "/v1/models/m:generateContent", 200, t, "m", "generate")
+    emu._log_request("POST", "/v1/models/m:streamGenerateContent?alt=sse", 200, 1062.0, "m", "stream")
+    emu._log_request("GET", "/v1/files", 200, 1031.0, None, "files_list")
+    assert emu.requests_in_window(60) == 4                   # 1030, 1059, 1061, 1062
+    assert emu.requests_in_window(60, route="stream") == 1
+    assert emu.requests_in_window(10) == 3 and emu.requests_in_window(1000, route="any") == 7
+
+
+def test_hold_fault_blocks_one_call_until_released_while_others_go_on(emu, client):
+    emu.add_fault(Fault(route="generate", kind="hold", times=1))
+    result: dict = {}
+    held = threading.Thread(target=lambda: result.setdefault(
+        "r", client.models.generate_content(model="gemini-2.5-flash", contents="held")))
+    held.start()
+    wait_for(lambda: emu.held_requests == 1)
+    assert list(client.files.list()) == []                      # the client keeps working meanwhile
+    assert client.models.generate_content(model="gemini-2.5-flash", contents="next").text == "Emulated reply to: next"
+    assert "r" not in result and held.is_alive()
+    assert emu.release_holds() == 1
+    held.join(5)
+    assert result["r"].text == "Emulated reply to: held" and emu.held_requests == 0
+    assert [r.status for r in emu.stats.requests] == [200, 200, 200]
+
+
+def test_hold_fault_times_out_and_stop_does_not_wait_for_a_release(emu, client):
+    emu.add_fault(Fault(route="files_get", kind="hold", timeout=0.3, times=1))
+    t0 = time.monotonic()
+    with pytest.raises(errors.ClientError, match="PERMISSION_DENIED"):   # then it answers normally
+        client.files.get(name="files/abc")
+    assert 0.25 < time.monotonic() - t0 < 2.0
+    emu.add_fault(Fault(route="files_list", kind="hold"))
+    failures: list = []
+    hung = threading.Thread(target=lambda: failures.append(pytest.raises(httpx2.TransportError,
+                                                                         lambda: list(client.files.list()))))
+    hung.start()
+    wait_for(lambda: emu.held_requests == 1)
+    t0 = time.monotonic()
+    emu.stop()
+    assert time.monotonic() - t0 < 1.5
+    hung.join(5)
+    assert failures and not hung.is_alive()
+
+
+# ---- speech-aware transcripts --------------------------------------------------------------------
+LOW_VOICE, HIGH_VOICE = ["-v", "en-us+m3", "-p", "20"], ["-v", "en-us+f3", "-p", "80"]
+LINES = [(LOW_VOICE, "Good morning, thanks for joining the call today."),
+         (HIGH_VOICE, "Happy to be here. Shall we start with the budget?"),
+         (LOW_VOICE, "Yes, the budget for next quarter is mostly unchanged.")]
+LINE_RE = re.compile(r"^\[(\d\d):(\d\d):(\d\d)\] Speaker (\d+): ([a-z ]+)$")
+
+
+def ffmpeg(*args: str) -> None:
+    subprocess.run(["ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error", "-y", *args], check=True)
+
+
+def media_seconds(path: Path) -> float:
+    out = subprocess.run(["ffprobe", "-v", "error", "-show_entries", "format=duration", "-of", "csv=p=0",
+                          str(path)], capture_output=True, text=True, check=True).stdout
+    return float(out)
+
+
+@pytest.fixture(scope="session")
+def voices(tmp_path_factory) -> dict:
+    """Low voice, high voice, low voice (espeak-ng), each after a silence chosen so that it starts
+    at a known x.2 s: the WAV master and a 16 kbps mono Opus copy, as the daemon sends them."""
+    folder = tmp_path_factory.mktemp("voices")
+    inputs: list[str] = []
+    starts: list[float] = []
+    t = 0.0
+    for i, (voice, text) in enumerate(LINES):
+        said = folder / f"line{i}.wav"
+        subprocess.run(["espeak-ng", *voice, "-w", str(said), text], check=True, capture_output=True)
+        start = math.floor(t + 1.0) + 1.2
+        gap = folder / f"gap{i}.wav"
+        ffmpeg("-f", "lavfi", "-i", "anullsrc=r=22050:cl=mono", "-t", f"{start - t:.3f}", str(gap))
+        inputs += ["-i", str(gap), "-i", str(said)]
+        starts.append(start)
+        t = start + media_seconds(said)
+    master, ogg = folder / "meeting.wav", folder / "meeting.ogg"
+    n = len(inputs) // 2
+    ffmpeg(*inputs, "-filter_complex", "".join(f"[{k}]" for k in range(n)) + f"concat=n={n}:v=0:a=1",
+           "-ac", "1", "-ar", "16000", str(master))
+    ffmpeg("-i", str(master), "-ac", "1", "-ar", "16000", "-c:a", "libopus", "-b:a", "16k", str(ogg))
+    return {"wav": master, "ogg": ogg, "starts": starts, "clusters": ["low", "high", "low"]}
+
+
+def transcript_lines(text: str) -> list[tuple[int, int, str]]:
+    """(seconds, speaker, words) of each '[HH:MM:SS] Speaker N: words' line."""
+    out = []
+    for line in text.splitlines():
+        m = LINE_RE.match(line)
+        assert m, f"unexpected line {line!r}"
+        h, mi, s, speaker, words = m.groups()
+        out.append((int(h) * 3600 + int(mi) * 60 + int(s), int(speaker), words))
+    return out
+
+
+def test_analyse_audio_finds_each_line_and_tells_the_two_voices_apart(voices):
+    for path in (voices["wav"], voices["ogg"]):
+        found = analyse_audio(path)
+        assert [cluster for _s, _e, cluster in found] == voices["clusters"]
+        assert all(abs(start - known) < 0.1 for (start, _e, _c), known in zip(found, voices["starts"]))
+        assert all(end - start > 1.5 for start, end, _c in found)
+
+
+def test_speech_transcript_follows_the_speech_and_the_speakers(voices):
+    with make_emu(transcript="speech") as emu, sdk(emu) as client:
+        f = client.files.upload(file=voices["ogg"], config={"mime_type": "audio/ogg"})
+        r = client.models.generate_content(model="gemini-2.5-flash", contents=[f, "Transcribe with speakers."])
+        lines = transcript_lines(r.text)
+        assert [speaker for _t, speaker, _w in lines] == [1, 2, 1]
+        assert all(abs(t - known) <= 0.5 for (t, _s, _w), known in zip(lines, voices["starts"]))
+        (rec,) = emu.generate_requests
+        (label, segments), = rec.speech
+        assert label == f.name and [s.cluster for s in segments] == voices["clusters"]
+        assert [w for _t, _s, w in lines] == [s.text for s in segments]
+        assert emu.internal_errors == []
+
+
+def test_speaker_numbers_restart_in_each_request_but_overlap_lines_keep_their_text(voices, tmp_path):
+    """A chunk that starts before the second line, re-encoded as the daemon cuts it: the high voice
+    is now Speaker 1, as a real model would say; the line's time and text match the full answer."""
+    cut = voices["starts"][1] - 0.7
+    chunk = tmp_path / "chunk.ogg"
+    ffmpeg("-ss", f"{cut:.3f}", "-i", str(voices["ogg"]), "-ac", "1", "-ar", "16000", "-c:a", "libopus",
+           "-b:a", "16k", str(chunk))
+    with make_emu(transcript="speech") as emu, sdk(emu) as client:
+        full = client.files.upload(file=voices["ogg"], config={"mime_type": "audio/ogg"})
+        whole = transcript_lines(client.models.generate_content(
+            model="gemini-2.5-flash", contents=[full, "Transcribe"]).text)
+        part = transcript_lines(client.models.generate_content(model="gemini-2.5-flash", contents=[
+            types.Part.from_bytes(data=chunk.read_bytes(), mime_type="audio/ogg"), "Transcribe"]).text)
+    assert [speaker for _t, speaker, _w in part] == [1, 2]
+    assert all(abs(t + cut - known) <= 0.6 for (t, _s, _w), known in zip(part, voices["starts"][1:]))
+    assert part[0][2] == whole[1][2]                          # the same words for the same stretch of speech
+    assert [c for _s, _e, c in analyse_audio(chunk)] == voices["clusters"][1:]    # stable cluster ids
+
+
+def test_no_speech_several_parts_and_the_analysis_is_cached(voices, wav):
+    with make_emu(transcript="speech") as emu, sdk(emu) as client:
+        f = client.files.upload(file=voices["ogg"], config={"mime_type": "audio/ogg"})
+        tone = types.Part.from_bytes(data=wav.read_bytes(), mime_type="audio/wav")    # a tone is not speech
+        contents = [tone, f, "Transcribe both"]
+        first = client.models.generate_content(model="gemini-2.5-flash", contents=contents).text.splitlines()
+        assert first[:3] == ["Audio 1 of 2 (inline audio 1):", "[no speech]", f"Audio 2 of 2 ({f.name}):"]
+        assert [speaker for _t, speaker, _w in transcript_lines("\n".join(first[3:]))] == [1, 2, 1]
+        decoded = speech.decode_count()
+        again = client.models.generate_content(model="gemini-2.5-flash", contents=contents).text.splitlines()
+        assert again == first and speech.decode_count() == decoded         # no second decode
+        emu.responder = lambda rec: "custom"                                # the hook still overrides
+        assert client.models.generate_content(model="gemini-2.5-flash", contents=contents).text == "custom"
+
+
+# ---- context caching -----------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def long_tone(tmp_path_factory) -> Path:
+    """40 s of tone, 8 kHz mono WAV: 1,280 audio tokens, above gemini-2.5-flash's 1,024 minimum."""
+    path = tmp_path_factory.mktemp("audio") / "long.wav"
+    ffmpeg("-f", "lavfi", "-i", "sine=frequency=300:duration=40", "-ac", "1", "-ar", "8000", str(path))
+    return path
+
+
+def test_implicit_cache_hits_only_when_the_shared_audio_comes_first(long_tone):
+    audio = types.MediaModality.AUDIO
+    with make_emu() as emu, sdk(emu) as client:
+        f = client.files.upload(file=long_tone)
+
+        def usage(*contents, model: str = "gemini-2.5-flash"):
+            return client.models.generate_content(model=model, contents=list(contents)).usage_metadata
+
+        assert usage(f, "Transcribe this recording.").cached_content_token_count is None
+        hit = usage(f, "Summarize it.")                         # audio first: the prefix repeats
+        assert hit.cached_content_token_count == 1280 and hit.prompt_token_count == 1280 + 4
+        assert [(d.modality, d.token_count) for d in hit.cache_tokens_details] == [(audio, 1280)]
+        assert usage("Transcribe this recording.", f).cached_content_token_count is None   # instructions first
+        assert usage("List the action items.", f).cached_content_token_count is None
+        assert usage("List the action items.", f).cached_content_token_count == 1280 + 6   # the same prompt again
+        assert usage(f, "x", model="gemini-2.5-pro").cached_content_token_count is None     # another model
+        assert usage(f, "y", model="gemini-2.5-pro").cached_content_token_count is None     # pro needs 4,096
+        emu.cache_min_tokens = {"flash": 1024, "pro": 1000}
+        assert usage(f, "z", model="gemini-2.5-pro").cached_content_token_count == 1280
+        assert usage(f, "x", model="gemini-2.0-flash").cached_content_token_count is None
+        assert usage(f, "y", model="gemini-2.0-flash").cached_content_token_count is None   # before 2.5: none
+        emu.clock.advance(301)                                  # outside the 300 s window
+        assert usage(f, "Summarize it.").cached_content_token_count is None
+        assert usage(f, "Summarize it.").cached_content_token_count == 1280 + 4
+        emu.implicit_cache_seconds = None
+        assert usage(f, "Summarize it.").cached_content_token_count is None
+        assert emu.generate_requests[1].cache_kind == "implicit"
+
+
+def test_explicit_cache_lifecycle_usage_and_errors(long_tone, wav):
+    with make_emu() as emu, sdk(emu) as client:
+        f = client.files.upload(file=long_tone)
+        cache = client.caches.create(model="gemini-2.5-flash", config={
+            "contents": [f], "system_instruction": "You transcribe meetings.", "ttl": "300s",
+            "display_name": "standup"})
+        assert re.fullmatch(r"cachedContents/[a-z0-9]{12}", cache.name)
+        assert (cache.model, cache.display_name, cache.usage_metadata.total_token_count) == (
+            "models/gemini-2.5-flash", "standup", 1280 + 6)
+        assert cache.expire_time - cache.create_time == timedelta(seconds=300)
+        client.files.delete(name=f.name)                        # the cache keeps its own copy
+        r = client.models.generate_content(model="gemini-2.5-flash", contents="Transcribe",
+                                           config={"cached_content": cache.name})
+        u = r.usage_metadata
+        assert u.cached_content_token_count == 1286 and u.prompt_token_count == 1286 + 3
+        assert {d.modality: d.token_count for d in u.cache_tokens_details} == {
+            types.MediaModality.TEXT: 6, types.MediaModality.AUDIO: 1280}
+        assert r.text.startswith(f"[00:00] Speaker 1: segment 1 of {f.name}")   # it answers about the cached audio
+        rec = emu.generate_requests[-1]
+        assert (rec.cached_content, rec.cache_kind, rec.system_instruction) == (
+            cache.name, "explicit", "You transcribe meetings.")
+        assert [c.name for c in client.caches.list()] == [cache.name]
+        assert client.caches.get(name=cache.name).usage_metadata.total_token_count == 1286
+        longer = client.caches.update(name=cache.name, config={"ttl": "600s"})
+        assert longer.expire_time > cache.expire_time and longer.update_time > cache.update_time
+        with pytest.raises(errors.ClientError, match="CachedContent can not be used with GenerateContent"):
+            client.models.generate_content(model="gemini-2.5-flash", contents="x", config={
+                "cached_content": cache.name, "system_instruction": "again"})
+        with pytest.raises(errors.ClientError, match=r"\(models/gemini-2.5-pro\) and CachedContent "
+                                                     r"\(models/gemini-2.5-flash\) has to be the same"):
+            client.models.generate_content(model="gemini-2.5-pro", contents="x", config={"cached_content": cache.name})
+        emu.clock.advance(601)                                  # expired on the emulator clock
+        for call in (lambda: client.caches.get(name=cache.name),
+                     lambda: client.models.generate_content(model="gemini-2.5-flash", contents="x",
+                                                            config={"cached_content": cache.name})):
+            with pytest.raises(errors.ClientError) as ei:
+                call()
+            assert (ei.value.code, ei.value.status, ei.value.message) == (
+                403, "PERMISSION_DENIED", "CachedContent not found (or permission denied)")
+        assert emu.cache(cache.name).delete_reason == "expired" and list(client.caches.list()) == []
+        small = client.files.upload(file=wav)
+        with pytest.raises(errors.ClientError) as ei:
+            client.caches.create(model="gemini-2.5-flash", config={"contents": [small]})
+        assert (ei.value.code, ei.value.message) == (
+            400, "Cached content is too small. total_token_count=96, min_total_token_count=1024")
+        other = client.caches.create(model="gemini-2.5-flash", config={"contents": [small] * 11})
+        client.caches.delete(name=other.name)
+        with pytest.raises(errors.ClientError, match="CachedContent not found"):
+            client.caches.get(name=other.name)
+        assert emu.internal_errors == []

@@ -1,5 +1,5 @@
-"""A loopback emulator of the Gemini API (Files API, generateContent, countTokens, streaming)
-faithful enough that the real google-genai SDK cannot tell the difference.
+"""A loopback emulator of the Gemini API (Files API, generateContent, countTokens, streaming,
+the Batch API, context caching) faithful enough that the real google-genai SDK cannot tell the difference.
 
     from tests.emulator import Emulator, Fault
 
@@ -10,10 +10,14 @@ faithful enough that the real google-genai SDK cannot tell the difference.
 See tests/emulator/server.py for the full API and /work/shared/gemini-api.md for the protocol.
 """
 
+from .batches import Batch, BatchRequest
+from .caches import CachedContent
 from .faults import ApiError, Fault
 from .files import Clock, StoredFile
 from .generate import DEFAULT_SUPPORTED_MIME_TYPES, GenerateRecord, PartRecord, probe_duration
 from .server import ChunkLog, Emulator, RequestLog, Stats
+from .speech import Segment, analyse_audio
 
-__all__ = ["ApiError", "ChunkLog", "Clock", "DEFAULT_SUPPORTED_MIME_TYPES", "Emulator", "Fault",
-           "GenerateRecord", "PartRecord", "RequestLog", "Stats", "StoredFile", "probe_duration"]
+__all__ = ["ApiError", "Batch", "BatchRequest", "CachedContent", "ChunkLog", "Clock",
+           "DEFAULT_SUPPORTED_MIME_TYPES", "Emulator", "Fault", "GenerateRecord", "PartRecord", "RequestLog",
+           "Segment", "Stats", "StoredFile", "analyse_audio", "probe_duration"]

@@ -20,6 +20,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--processing-polls", type=int, default=1, metavar="N")
     ap.add_argument("--token-rate", type=float, default=32)
     ap.add_argument("--inline-limit", type=int, default=20 * 1024 * 1024, metavar="BYTES")
+    ap.add_argument("--transcript", choices=("segments", "speech"), default="segments",
+                    help="default answer to audio: a line every 30 s, or one line per stretch of speech")
+    ap.add_argument("--batch-polls", type=int, default=2, metavar="N",
+                    help="batches.get answers before a batch succeeds (-1: only when told to)")
     ap.add_argument("--data-dir", default=None, help="keep uploaded bytes here (default: a temp dir)")
     ap.add_argument("-v", "--verbose", action="store_true", help="log every request to stderr")
     args = ap.parse_args(argv)
@@ -27,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     emu = Emulator(api_key=args.api_key, storage_limit_bytes=args.storage_limit,
                    max_file_bytes=args.max_file_bytes, ttl_seconds=args.ttl,
                    processing_polls=args.processing_polls, token_rate=args.token_rate,
-                   inline_limit_bytes=args.inline_limit, data_dir=args.data_dir,
+                   inline_limit_bytes=args.inline_limit, data_dir=args.data_dir, transcript=args.transcript,
+                   batch_polls=args.batch_polls if args.batch_polls >= 0 else None,
                    host=args.host, port=args.port, verbose=args.verbose)
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
@@ -46,6 +51,8 @@ Control (no key needed):
   curl -X POST {url}/_emulator/faults -d '{{"route": "generate", "kind": "status", "status": 429, "times": 1}}'
   curl -X DELETE {url}/_emulator/faults
   curl -X POST {url}/_emulator/offline -d '{{"seconds": 10}}'
+  curl -X POST {url}/_emulator/batches -d '{{"action": "finish"}}'
+  curl -X POST {url}/_emulator/holds
 Ctrl-C to stop.""", flush=True)
     try:
         done.wait()

@@ -131,9 +131,23 @@ def rate_limited(retry_delay: str = "2s", model: str = "gemini-2.5-flash", messa
     ])
 
 
-ROUTES = frozenset({"upload_start", "upload_chunk", "files_get", "files_list", "files_delete",
-                    "generate", "stream", "count_tokens", "any"})
-KINDS = frozenset({"status", "non_json_502", "drop", "slow", "no_upload_status"})
+# Route groups: a fault or a log query naming the group matches each of its routes.
+ROUTE_GROUPS: dict[str, frozenset[str]] = {
+    "generate": frozenset({"generate", "stream"}),
+    "batches": frozenset({"batch_create", "batches_get", "batches_list", "batches_cancel", "batches_delete"}),
+    "caches": frozenset({"caches_create", "caches_get", "caches_list", "caches_update", "caches_delete"}),
+}
+ROUTES = frozenset({"upload_start", "upload_chunk", "files_get", "files_list", "files_delete", "files_download",
+                    "generate", "stream", "count_tokens", "any"}
+                   | ROUTE_GROUPS["batches"] | ROUTE_GROUPS["caches"] | set(ROUTE_GROUPS))
+KINDS = frozenset({"status", "non_json_502", "drop", "slow", "no_upload_status", "hold"})
+
+
+def route_matches(pattern: str, route: str | None) -> bool:
+    """'any' matches every API route; a group name matches its members; else the exact name."""
+    if route is None or route == "control":
+        return False
+    return pattern == "any" or route in ROUTE_GROUPS.get(pattern, frozenset({pattern}))
 
 
 @dataclass
@@ -142,6 +156,8 @@ class Fault:
     one that fires handles the request (one fault per request).
 
     route "generate" matches generateContent and streamGenerateContent; "stream" only the latter;
+    "batches" every Batch API route (batch_create, batches_get/list/cancel/delete); "caches" every
+    cachedContents route (caches_create/get/list/update/delete); "files_download" a file download;
     "any" matches every API route (never the /_emulator control endpoints).
     ``skip`` lets the first N matching requests through untouched (e.g. fail only the 2nd chunk).
     ``injected`` counts how often this fault fired.
@@ -154,6 +170,9 @@ class Fault:
       drop              close the connection with no answer (an upload chunk is cut mid-body with
                         an RST) -> a raw httpx2 TransportError in the client, never an APIError.
       slow              sleep ``delay`` seconds, then answer normally (pair with HttpOptions(timeout)).
+      hold              block until ``Emulator.release_holds()`` (or ``timeout`` seconds, default 60),
+                        then answer normally: a network call that hangs while the client must keep
+                        working. ``Emulator.held_requests`` counts requests blocked right now.
       no_upload_status  a 503 without X-Goog-Upload-Status. On a chunk the SDK re-sends the same
                         chunk after sleeping 1 s, then 2 s, then 4 s: times=1 costs 1 s, times=3
                         costs ~7 s and ends in ServerError 503. The chunk is discarded, so the
@@ -166,6 +185,7 @@ class Fault:
     times: int | None = None
     probability: float | None = None
     delay: float = 0.0
+    timeout: float = 60.0
     retry_delay: str = "2s"
     seed: int | None = None
     skip: int = 0
@@ -187,11 +207,7 @@ class Fault:
         return self.times is None or self.injected < self.times
 
     def matches(self, route: str) -> bool:
-        if self.route == "any":
-            return True
-        if self.route == "generate":
-            return route in ("generate", "stream")
-        return self.route == route
+        return route_matches(self.route, route)
 
     def fire(self) -> bool:
         """Called (under the emulator lock) for a matching request: decide whether to inject."""

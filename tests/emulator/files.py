@@ -89,6 +89,7 @@ class StoredFile:
     duration_seconds: float | None = None  # ffprobe result, filled on first use
     polls_left: int | None = None         # files.get calls still answering PROCESSING
     processing_until: datetime | None = None
+    source: str = "UPLOADED"              # "GENERATED" for a batch's responses file
 
     @property
     def id(self) -> str:
@@ -97,6 +98,13 @@ class StoredFile:
     @property
     def uri(self) -> str:
         return f"https://generativelanguage.googleapis.com/{self.api_version}/files/{self.id}"
+
+    @property
+    def download_uri(self) -> str | None:
+        """Only generated files can be downloaded [D]; the URI form is an assumption [A]."""
+        if self.source != "GENERATED":
+            return None
+        return f"https://generativelanguage.googleapis.com/{self.api_version}/files/{self.id}:download?alt=media"
 
     @property
     def sha256_b64(self) -> str:
@@ -115,8 +123,10 @@ class StoredFile:
             "sha256Hash": self.sha256_b64,
             "uri": self.uri,
             "state": self.state,
-            "source": "UPLOADED",
+            "source": self.source,
         })
+        if self.download_uri:
+            d["downloadUri"] = self.download_uri
         if self.error:
             d["error"] = self.error
         return d
@@ -350,6 +360,28 @@ class FileStore:
         self.refresh(f, polled=False)
         if f.state != "ACTIVE":
             raise not_active(f.id)
+        return f
+
+    def add_generated(self, fid: str, data: bytes, mime: str, api_version: str) -> StoredFile:
+        """Store a file the service wrote itself (a batch's responses file): ACTIVE at once,
+        source GENERATED, downloadable, counted in the project's storage like any file."""
+        now = self.emu.clock.now()
+        path = self.data_dir / "files" / fid
+        path.write_bytes(data)
+        f = StoredFile(name=f"files/{fid}", display_name=None, mime_type=mime, size_bytes=len(data),
+                       sha256_hex=hashlib.sha256(data).hexdigest(), path=path, create_time=now,
+                       update_time=now, expiration_time=now + timedelta(seconds=self.emu.ttl_seconds),
+                       api_version=api_version, source="GENERATED")
+        self.by_id[fid] = f
+        self.all_files.append(f)
+        self.high_water = max(self.high_water, self.used_bytes())
+        return f
+
+    def download(self, fid: str) -> StoredFile:
+        f = self.lookup(fid)
+        if f.source != "GENERATED":
+            raise ApiError(400, "Only generated files can be downloaded; files created by upload cannot "
+                           "be downloaded.")   # [A] wording; the SDK refuses such File objects itself
         return f
 
     def delete(self, fid: str) -> StoredFile:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import math
 import os
 import re
@@ -14,11 +15,14 @@ import subprocess
 import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import speech
 from .faults import ApiError
 
 if TYPE_CHECKING:
+    from .caches import CachedContent
     from .server import Emulator
 
 DEFAULT_SUPPORTED_MIME_TYPES = frozenset({
@@ -27,6 +31,10 @@ DEFAULT_SUPPORTED_MIME_TYPES = frozenset({
 })
 MAX_AUDIO_SECONDS = 9.5 * 3600
 MAX_INPUT_TOKENS = 1_048_576
+TRANSCRIPT_STYLES = ("segments", "speech")
+CACHED_CONTENT_CONFLICT = (
+    "CachedContent can not be used with GenerateContent request setting system_instruction, tools or "
+    "tool_config.\n\nProposed fix: move those values to CachedContent from GenerateContent request.")
 _SNAKE = re.compile(r"_([a-z0-9])")
 
 
@@ -86,6 +94,15 @@ class PartRecord:
     audio_seconds: float | None = None
     modality: str = "TEXT"
     tokens: int = 0
+    path: Path | None = None           # bytes on disk: the uploaded file, or a cache's own copy
+    digest: str | None = None          # sha256 hex of the bytes (file, inline) or of the text
+    cached: bool = False               # part of an explicit cache (cachedContent)
+
+    def prefix_key(self) -> tuple:
+        """Identity for implicit caching: files by name, inline data and text by content."""
+        if self.kind == "file":
+            return ("file", self.file_name)
+        return (self.kind, self.digest)
 
 
 @dataclass
@@ -101,6 +118,10 @@ class GenerateRecord:
     response_text: str | None = None
     finish_reason: str | None = None
     usage: dict | None = None
+    cached_content: str | None = None  # "cachedContents/..." named by the request
+    cached_tokens: dict[str, int] = field(default_factory=dict)   # cache hit, by modality
+    cache_kind: str | None = None      # "explicit" | "implicit" when cached_tokens is set
+    speech: list | None = None         # speech mode: [(part label, [speech.Segment])] analysed
 
     @property
     def text(self) -> str | None:
@@ -141,28 +162,56 @@ class Generator:
         body = camelize(body)
         if method == "countTokens" and "generateContentRequest" in body:
             body = body["generateContentRequest"]
-        contents = body.get("contents")
+        cache = self._cached_content(body, model)
+        parts = self.parse_contents(body.get("contents"))
+        system = self.parse_system(body.get("systemInstruction"))
+        rec = GenerateRecord(method=method, model=model, parts=parts,
+                             generation_config=body.get("generationConfig") or {},
+                             system_instruction=system, audio_seconds=0.0, raw=body, time=emu.clock.now())
+        if cache is not None:
+            rec.parts = list(cache.parts) + parts
+            rec.system_instruction = cache.system_instruction
+            rec.cached_content, rec.cached_tokens, rec.cache_kind = cache.name, dict(cache.by_modality), "explicit"
+        rec.audio_seconds = round(sum(p.audio_seconds or 0.0 for p in rec.parts), 6)
+        return rec
+
+    def _cached_content(self, body: dict, model: str) -> "CachedContent | None":
+        """The explicit cache a request names (cachedContent), after the real API's checks."""
+        name = body.get("cachedContent")
+        if not name:
+            return None
+        if any(body.get(k) for k in ("systemInstruction", "tools", "toolConfig")):
+            raise ApiError(400, CACHED_CONTENT_CONFLICT)
+        cache = self.emu._caches.for_use(str(name))
+        if cache.model != f"models/{model}":
+            raise ApiError(400, f"Model used by GenerateContent request (models/{model}) and CachedContent "
+                           f"({cache.model}) has to be the same.")
+        return cache
+
+    def parse_contents(self, contents: Any, required: bool = True) -> list[PartRecord]:
+        """contents[] -> PartRecords (file checks, MIME checks, token counts)."""
         if isinstance(contents, dict):
             contents = [contents]
         if not contents:
-            raise ApiError(400, "* GenerateContentRequest.contents: contents is not specified\n")
+            if required:
+                raise ApiError(400, "* GenerateContentRequest.contents: contents is not specified\n")
+            return []
         parts: list[PartRecord] = []
-        for ci, content in enumerate(contents):
+        for ci, content in enumerate(camelize(contents)):
             for pi, part in enumerate((content or {}).get("parts") or []):
                 rec = self._part(part, f"contents[{ci}].parts[{pi}]")
                 if rec is not None:
                     parts.append(rec)
-        system = None
-        si = body.get("systemInstruction")
+        return parts
+
+    @staticmethod
+    def parse_system(si: Any) -> str | None:
+        si = camelize(si)
         if isinstance(si, dict):
-            system = "\n".join(p.get("text", "") for p in si.get("parts") or [] if isinstance(p, dict)) or None
-        elif isinstance(si, str):
-            system = si
-        audio = sum(p.audio_seconds or 0.0 for p in parts)
-        return GenerateRecord(method=method, model=model, parts=parts,
-                              generation_config=body.get("generationConfig") or {},
-                              system_instruction=system, audio_seconds=round(audio, 6), raw=body,
-                              time=emu.clock.now())
+            return "\n".join(p.get("text", "") for p in si.get("parts") or [] if isinstance(p, dict)) or None
+        if isinstance(si, str):
+            return si
+        return None
 
     def _check_mime(self, mime: str | None) -> str:
         base = (mime or "").split(";")[0].strip().lower()
@@ -175,7 +224,8 @@ class Generator:
             raise ApiError(400, f"Invalid JSON payload received. Invalid value at '{where}'.")
         if "text" in part:
             text = str(part["text"])
-            return PartRecord("text", text=text, tokens=text_tokens(text))
+            return PartRecord("text", text=text, tokens=text_tokens(text),
+                              digest=hashlib.sha256(text.encode()).hexdigest())
         if "fileData" in part:
             fd = part["fileData"] or {}
             uri = fd.get("fileUri")
@@ -186,7 +236,7 @@ class Generator:
             with store.lock:
                 f = store.for_use(uri)
             mime = self._check_mime(fd.get("mimeType") or f.mime_type)
-            rec = PartRecord("file", file_name=f.name, mime_type=mime)
+            rec = PartRecord("file", file_name=f.name, mime_type=mime, path=f.path, digest=f.sha256_hex)
             if mime.startswith("audio/"):
                 if f.duration_seconds is None:
                     f.duration_seconds = probe_duration(f.path)
@@ -205,7 +255,7 @@ class Generator:
                 raise ApiError(400, f"Invalid value at '{where}.inline_data.data' (TYPE_BYTES), "
                                "Base64 decoding failed.")
             mime = self._check_mime(idata.get("mimeType"))
-            rec = PartRecord("inline", mime_type=mime, data=data)
+            rec = PartRecord("inline", mime_type=mime, data=data, digest=hashlib.sha256(data).hexdigest())
             if mime.startswith("audio/"):
                 fd_, tmp = tempfile.mkstemp(prefix="inline-", dir=self.emu._store.data_dir)
                 try:
@@ -246,10 +296,13 @@ class Generator:
                            f"tokens allowed ({emu.max_input_tokens}).")
 
     # ---- record -> answer ------------------------------------------------------------------
-    @staticmethod
-    def default_text(rec: GenerateRecord) -> str:
-        lines: list[str] = []
+    def default_text(self, rec: GenerateRecord) -> str:
+        """The fake model's answer: with audio, a transcript (emu.transcript: "segments" invents a
+        line every 30 s; "speech" follows the speech actually in the audio); without, an echo."""
         audio_parts = [p for p in rec.parts if p.modality == "AUDIO"]
+        if audio_parts and self.emu.transcript == "speech":
+            return self.speech_text(rec, audio_parts)
+        lines: list[str] = []
         for k, p in enumerate(audio_parts, 1):
             label = p.file_name or f"inline audio {k}"
             for i in range(max(1, math.ceil((p.audio_seconds or 0) / 30))):
@@ -258,8 +311,20 @@ class Generator:
             lines.append(f"Emulated reply to: {rec.prompt_text[:200]}")
         return "\n".join(lines)
 
+    def speech_text(self, rec: GenerateRecord, audio_parts: list[PartRecord]) -> str:
+        """One line per speech segment of each audio part (see speech.py); analyses are cached."""
+        parts = []
+        for k, p in enumerate(audio_parts, 1):
+            segments = speech.segments_of(p.path, p.data, p.digest, self.emu.speaker_split_hz,
+                                          self.emu._store.data_dir)
+            parts.append((p.file_name or f"inline audio {k}", segments))
+        rec.speech = parts
+        return speech.transcript(parts)
+
     def answer(self, rec: GenerateRecord) -> None:
         """Fill rec.response_text / finish_reason / usage (responder hook, then max tokens)."""
+        if rec.method != "countTokens":
+            self.emu._caches.apply_implicit(rec)
         reply = self.emu.responder(rec) if self.emu.responder else None
         finish = "STOP"
         if isinstance(reply, tuple):
@@ -299,7 +364,13 @@ class Generator:
         if thoughts:
             usage["thoughtsTokenCount"] = thoughts
         usage["totalTokenCount"] = prompt + out_tokens + thoughts
+        if rec.cached_tokens:
+            # promptTokenCount still counts the cached tokens; this says how many of them were cached
+            usage["cachedContentTokenCount"] = sum(rec.cached_tokens.values())
         usage["promptTokensDetails"] = details
+        if rec.cached_tokens:
+            cached = sorted(rec.cached_tokens.items(), key=lambda kv: kv[0] != "TEXT")
+            usage["cacheTokensDetails"] = [{"modality": m, "tokenCount": n} for m, n in cached]
         if out_tokens:
             usage["candidatesTokensDetails"] = [{"modality": "TEXT", "tokenCount": out_tokens}]
         return usage

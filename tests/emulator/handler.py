@@ -11,6 +11,7 @@ import socketserver
 import struct
 import sys
 import threading
+import time
 import traceback
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -19,20 +20,38 @@ from urllib.parse import parse_qs, unquote
 
 from .faults import HTML_404, HTML_502, ApiError, Fault, api_key_invalid, api_key_missing
 from .files import CHUNK_GRANULARITY, rfc3339
-from .generate import count_tokens_body, new_response_id
+from .generate import camelize, count_tokens_body, new_response_id
 
 if TYPE_CHECKING:
     from .server import Emulator
 
+_V = r"(?P<v>[^/_][^/]*)"
 _ROUTES = [
     ("upload", re.compile(r"^/upload/(?P<v>[^/]+)/files$")),
-    ("files_list", re.compile(r"^/(?P<v>[^/_][^/]*)/files$")),
-    ("files_item", re.compile(r"^/(?P<v>[^/_][^/]*)/files/(?P<id>[^/]+)$")),
-    ("model", re.compile(r"^/(?P<v>[^/_][^/]*)/models/(?P<m>[^/:]+):(?P<op>generateContent|"
-                         r"streamGenerateContent|countTokens)$")),
+    ("files_download", re.compile(r"^/(?:download/)?" + _V + r"/files/(?P<id>[^/:]+):download$")),
+    ("files_list", re.compile(r"^/" + _V + r"/files$")),
+    ("files_item", re.compile(r"^/" + _V + r"/files/(?P<id>[^/]+)$")),
+    ("model", re.compile(r"^/" + _V + r"/models/(?P<m>[^/:]+):(?P<op>generateContent|"
+                         r"streamGenerateContent|countTokens|batchGenerateContent)$")),
+    ("caches", re.compile(r"^/" + _V + r"/cachedContents$")),
+    ("caches_item", re.compile(r"^/" + _V + r"/cachedContents/(?P<id>[^/:]+)$")),
+    ("batches", re.compile(r"^/" + _V + r"/batches$")),
+    ("batches_item", re.compile(r"^/" + _V + r"/batches/(?P<id>[^/:]+)(?P<cancel>:cancel)?$")),
     ("control", re.compile(r"^/_emulator/(?P<c>[a-z]+)$")),
 ]
-_OP_ROUTE = {"generateContent": "generate", "streamGenerateContent": "stream", "countTokens": "count_tokens"}
+_OP_ROUTE = {"generateContent": "generate", "streamGenerateContent": "stream", "countTokens": "count_tokens",
+             "batchGenerateContent": "batch_create"}
+_BATCH_CONTROL_USAGE = ('POST /_emulator/batches {"action": "finish"} | '
+                        '{"action": "fail"|"expire", "name": "batches/...", "message": "..."}')
+# (route kind, HTTP method) -> route name used by faults, logs and handlers
+_METHOD_ROUTE = {
+    ("files_list", "GET"): "files_list", ("files_item", "GET"): "files_get",
+    ("files_item", "DELETE"): "files_delete", ("files_download", "GET"): "files_download",
+    ("caches", "POST"): "caches_create", ("caches", "GET"): "caches_list",
+    ("caches_item", "GET"): "caches_get", ("caches_item", "PATCH"): "caches_update",
+    ("caches_item", "DELETE"): "caches_delete", ("batches", "GET"): "batches_list",
+    ("batches_item", "GET"): "batches_get", ("batches_item", "DELETE"): "batches_delete",
+}
 
 
 def _phrase(code: int) -> str:
@@ -123,6 +142,8 @@ class Handler(BaseHTTPRequestHandler):
     def _dispatch(self) -> None:
         self._status: int | None = None
         self._route = "unknown"
+        self._arrived = time.time()
+        self._model: str | None = None
         try:
             self._left = int(self.headers.get("Content-Length") or 0)
         except ValueError:
@@ -154,7 +175,7 @@ class Handler(BaseHTTPRequestHandler):
         that the logs do not show yet."""
         self._status = status
         if self._route != "control":
-            self.emu._log_request(self.command, self.path, status)
+            self.emu._log_request(self.command, self.path, status, self._arrived, self._model, self._route)
         self.log_message('"%s %s" %s', self.command, self.path, status)
 
     def _read(self, limit: int | None = None) -> bytes:
@@ -238,16 +259,10 @@ class Handler(BaseHTTPRequestHandler):
         method = self.command
         if kind == "control":
             return self._control(p["c"], method)
-        if kind == "upload" and method == "POST":
-            self._route = "upload_chunk" if "upload_id" in self._query else "upload_start"
-        elif kind == "files_list" and method == "GET":
-            self._route = "files_list"
-        elif kind == "files_item" and method in ("GET", "DELETE"):
-            self._route = "files_get" if method == "GET" else "files_delete"
-        elif kind == "model" and method == "POST":
-            self._route = _OP_ROUTE[p["op"]]
-        else:
+        route = self._route_name(kind, method, p)
+        if route is None:
             raise ApiError(404, html=HTML_404.format(path=path))
+        self._route, self._model = route, p.get("m")
         fault = self.emu._pick_fault(self._route)
         if fault is not None:
             self._apply_fault(fault, p.get("m") or "gemini-2.5-flash")
@@ -259,7 +274,22 @@ class Handler(BaseHTTPRequestHandler):
                 raise api_key_invalid()
         getattr(self, "_r_" + self._route)(p)
 
+    def _route_name(self, kind: str, method: str, p: dict) -> str | None:
+        if kind == "upload":
+            if method != "POST":
+                return None
+            return "upload_chunk" if "upload_id" in self._query else "upload_start"
+        if kind == "model":
+            return _OP_ROUTE[p["op"]] if method == "POST" else None
+        if kind == "batches_item" and p.get("cancel"):
+            return "batches_cancel" if method == "POST" else None
+        return _METHOD_ROUTE.get((kind, method))
+
     def _apply_fault(self, fault: Fault, model: str) -> None:
+        if fault.kind == "hold":
+            if not self.emu._hold(fault.timeout, self.server.closing):
+                self._abort(reset=False)
+            return  # then answer normally
         if fault.kind == "slow":
             if self.server.closing.wait(fault.delay):
                 self._abort(reset=False)
@@ -366,6 +396,64 @@ class Handler(BaseHTTPRequestHandler):
             store.delete(p["id"])
         self._send_json({})
 
+    def _r_files_download(self, p: dict) -> None:
+        store = self.emu._store
+        with store.lock:
+            f = store.download(p["id"])
+            data = f.path.read_bytes()
+            mime = f.mime_type
+        self._send(200, data, mime)
+
+    # ---- explicit caches ---------------------------------------------------------------------
+    def _r_caches_create(self, p: dict) -> None:
+        if self._left > self.emu.inline_limit_bytes:
+            raise ApiError(400, f"Request payload size exceeds the limit: {self.emu.inline_limit_bytes} bytes.")
+        self._send_json(self.emu._caches.create(camelize(self._json_body()), p["v"]).to_json())
+
+    def _r_caches_list(self, p: dict) -> None:
+        self._send_json(self.emu._caches.list(self._page_size(), self._query.get("pageToken")))
+
+    def _r_caches_get(self, p: dict) -> None:
+        self._send_json(self.emu._caches.lookup(p["id"]).to_json())
+
+    def _r_caches_update(self, p: dict) -> None:
+        body = camelize(self._json_body())
+        self._send_json(self.emu._caches.update(p["id"], body).to_json())
+
+    def _r_caches_delete(self, p: dict) -> None:
+        self.emu._caches.delete(p["id"])
+        self._send_json({})
+
+    # ---- batches -----------------------------------------------------------------------------
+    def _r_batch_create(self, p: dict) -> None:
+        emu = self.emu
+        if self._left > emu.inline_limit_bytes:
+            raise ApiError(400, f"Request payload size exceeds the limit: {emu.inline_limit_bytes} bytes.")
+        b = emu._batches.create(p["v"], p["m"], self._json_body())
+        self._send_json(emu._batches.operation(b))
+
+    def _r_batches_get(self, p: dict) -> None:
+        store = self.emu._batches
+        self._send_json(store.operation(store.get(p["id"])))
+
+    def _r_batches_list(self, p: dict) -> None:
+        self._send_json(self.emu._batches.list(self._page_size(), self._query.get("pageToken")))
+
+    def _r_batches_cancel(self, p: dict) -> None:
+        self._drain()
+        self.emu._batches.cancel(p["id"])
+        self._send_json({})
+
+    def _r_batches_delete(self, p: dict) -> None:
+        self.emu._batches.delete(p["id"])
+        self._send_json({})
+
+    def _page_size(self) -> int:
+        try:
+            return int(self._query.get("pageSize", "10"))
+        except ValueError:
+            raise ApiError(400, f"Invalid value at 'page_size' (TYPE_INT32), \"{self._query['pageSize']}\"")
+
     # ---- models ------------------------------------------------------------------------------
     def _model_record(self, p: dict):
         emu = self.emu
@@ -437,6 +525,10 @@ class Handler(BaseHTTPRequestHandler):
                 return self._send_json({})
             if method == "GET":
                 return self._send_json({"faults": [f.to_json() for f in emu.faults]})
+        if what == "batches" and method == "POST":
+            return self._send_json(self._batch_control(body))
+        if what == "holds" and method == "POST":
+            return self._send_json({"released": emu.release_holds()})
         if what == "offline" and method == "POST":
             seconds = float(body.get("seconds", 0))
             self.close_connection = True
@@ -444,6 +536,22 @@ class Handler(BaseHTTPRequestHandler):
             emu._offline_for(seconds)
             return None
         raise ApiError(404, html=HTML_404.format(path=self.path))
+
+    def _batch_control(self, body: dict) -> dict:
+        """Drive batches from outside the process: finish all, or fail/expire one by name."""
+        emu, action = self.emu, body.get("action")
+        if action == "finish":
+            return {"finished": emu.finish_batches()}
+        if action in ("fail", "expire") and body.get("name"):
+            try:
+                if action == "fail":
+                    emu.fail_batch(str(body["name"]), str(body.get("message") or "Batch failed."))
+                else:
+                    emu.expire_batch(str(body["name"]))
+            except KeyError:
+                raise ApiError(404, f"Batch {body['name']} not found.")
+            return {"name": body["name"], "action": action}
+        raise ApiError(400, "Usage: " + _BATCH_CONTROL_USAGE)
 
 
 class _NoMore(_Dropped):

@@ -4,22 +4,48 @@ files.py, generateContent in generate.py."""
 
 from __future__ import annotations
 
+import bisect
 import shutil
 import tempfile
 import threading
+import time
 from collections import namedtuple
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from .faults import Fault
+from .batches import Batch, BatchStore
+from .caches import DEFAULT_CACHE_MIN_TOKENS, CachedContent, CacheStore
+from .faults import Fault, route_matches
 from .files import Clock, FileStore, StoredFile, file_id_from, rfc3339
-from .generate import (DEFAULT_SUPPORTED_MIME_TYPES, MAX_AUDIO_SECONDS, MAX_INPUT_TOKENS,
+from .generate import (DEFAULT_SUPPORTED_MIME_TYPES, MAX_AUDIO_SECONDS, MAX_INPUT_TOKENS, TRANSCRIPT_STYLES,
                        GenerateRecord, Generator)
 from .handler import Server
+from .speech import DEFAULT_SPLIT_HZ
 
-RequestLog = namedtuple("RequestLog", "method path status")          # status None = no answer
 ChunkLog = namedtuple("ChunkLog", "upload_id offset length command")
+_RequestLogBase = namedtuple("_RequestLogBase", "method path status")
+
+
+class RequestLog(_RequestLogBase):
+    """(method, path-with-query, status) -- status None when the connection was dropped -- plus
+    attributes that are not tuple fields, so code that unpacks three values keeps working:
+    ``time`` (time.time() when the request arrived), ``model`` (model routes: the model id in the
+    path) and ``route`` (the fault route name: generate, stream, files_get, batches_get, ...)."""
+
+    time: float | None = None            # class defaults: namedtuple's _make/_replace skip __new__
+    model: str | None = None
+    route: str | None = None
+
+    def __new__(cls, method: str, path: str, status: int | None, time: float | None = None,
+                model: str | None = None, route: str | None = None) -> "RequestLog":
+        self = super().__new__(cls, method, path, status)
+        self.time, self.model, self.route = time, model, route
+        return self
+
+    def _asdict(self) -> dict:
+        return {"method": self.method, "path": self.path, "status": self.status, "time": self.time,
+                "model": self.model, "route": self.route}
 
 
 @dataclass
@@ -29,6 +55,7 @@ class Stats:
     deletes: int = 0
     generate_calls: int = 0
     count_tokens_calls: int = 0
+    batches_created: int = 0
     used_bytes: int = 0
     high_water_bytes: int = 0
     faults_injected: int = 0
@@ -39,12 +66,13 @@ class Stats:
 
     def as_dict(self) -> dict:
         d = asdict(self)
-        d["requests"] = [list(r) for r in self.requests]
+        d["requests"] = [list(r) + [getattr(r, "time", None), getattr(r, "model", None)] for r in self.requests]
         return d
 
 
 class Emulator:
-    """A loopback Gemini API (Files API + generateContent) for the google-genai SDK.
+    """A loopback Gemini API (Files API, generateContent, Batch API, context caching) for the
+    google-genai SDK.
 
     Use::
 
@@ -71,8 +99,9 @@ class Emulator:
       fail_processing       False | True | "message" | callable(StoredFile) -> str | None: when it
                             yields a message the file ends FAILED with error {code: 3, message}.
       token_rate            audio tokens per second: ceil(ffprobe duration * rate) per audio part.
-      inline_limit_bytes    cap on the whole generateContent/countTokens request body -> 400
-                            "Request payload size exceeds the limit: N bytes."
+      inline_limit_bytes    cap on the whole generateContent/countTokens (and batchGenerateContent,
+                            cachedContents.create) request body -> 400 "Request payload size exceeds
+                            the limit: N bytes."
       supported_mime_types  MIME types generateContent accepts (else 400 "Unsupported MIME type: X").
                             Uploads accept any type, like the real API.
       max_audio_seconds     total audio per prompt (9.5 h) -> 400 INVALID_ARGUMENT.
@@ -86,17 +115,58 @@ class Emulator:
       responder             callable(GenerateRecord) -> str | (str, finishReason) | None to choose
                             the model text (None -> the default fake transcript). It may raise
                             ApiError to answer an error. maxOutputTokens truncation still applies.
+                            Batch requests call it too (rec.method == "batchGenerateContent").
+      transcript            the default answer to audio: "segments" (a line every 30 s of each audio
+                            part, "[MM:SS] Speaker 1|2: segment i of <part>", the historical default)
+                            or "speech": one line per stretch of real speech, "[HH:MM:SS] Speaker N:
+                            <pseudo-words>", speakers numbered by first appearance in the request,
+                            "[no speech]" for a part without speech (see speech.py; analyses are
+                            cached by content hash, an hour of audio takes a few seconds once).
+      speaker_split_hz      speech mode: segments whose median F0 is below this are voice 'low',
+                            others 'high' (the stable cluster ids of speech.analyse_audio).
+      implicit_cache_seconds  window for implicit caching on the emulator clock (None/0: off). A
+                            request whose leading parts (system instruction, then parts in order;
+                            text by content, files by URI, inline data by bytes) repeat an earlier
+                            successful request's for the same Gemini >= 2.5 model reports
+                            cachedContentTokenCount/cacheTokensDetails for the shared parts when they
+                            reach the model's minimum (cache_min_tokens).
+      cache_min_tokens      {model-id substring: minimum tokens} for explicit and implicit caches;
+                            the longest matching key wins (default flash-lite 2048, flash 1024,
+                            pro 4096). caches.create below it -> 400 "Cached content is too small.".
+                            Explicit caches live ttl (default 1 h) on the emulator clock; then
+                            get/use -> 403 "CachedContent not found (or permission denied)".
+      batch_polls           batches.get calls that still answer PENDING (the first) / RUNNING (the
+                            rest) before the batch runs and the next get answers SUCCEEDED (None:
+                            never by polls; 0: the first get). list/cancel do not count.
+      batch_seconds         alternatively/also: the batch runs once this many seconds have passed on
+                            the emulator clock (RUNNING from half-way); whichever comes first.
+      batch_expire_seconds  a batch still PENDING/RUNNING this long after creation ends EXPIRED (48 h).
+      batch_shuffle_seed    None: inlined responses in request order; an int: a seeded shuffle (the
+                            real service has been seen to reorder them, python-genai #1909).
+      batch_echo_metadata   inlined responses repeat each request's metadata (False: leave it out).
       data_dir              where uploaded bytes are kept (default: a temp dir, removed by stop()).
       host, port            bind address; port 0 picks a free port (kept across set_offline).
       verbose               log every request to stderr.
 
+    Controls: ``clock`` (advance/set), ``add_fault``/``clear_faults``, ``set_offline``,
+    ``finish_batches()`` (run every unfinished batch now -> SUCCEEDED; returns their names),
+    ``fail_batch(name, message)`` (-> FAILED, no output), ``expire_batch(name)`` (-> EXPIRED),
+    ``release_holds()`` (let every request blocked by a "hold" fault answer; returns how many).
+    Out of process: POST /_emulator/batches {"action": "finish"} or {"action": "fail"|"expire",
+    "name": ...}, POST /_emulator/holds.
+
     Introspection: ``files``, ``all_files``, ``file(ref)``, ``stats`` (snapshot; ``generate_calls``
     and ``count_tokens_calls`` count every request that passed auth and faults, including 4xx
-    answers; ``requests`` is a list of (method, path-with-query, status) with status None when the
-    connection was dropped; control endpoints are not logged), ``generate_requests`` (successful
-    generateContent and streamGenerateContent calls), ``count_tokens_requests``,
-    ``upload_chunks`` (upload_id, offset, length, command), ``faults``, ``internal_errors``
-    (tracebacks of emulator bugs, each also answered 500).
+    answers; ``requests`` is a list of RequestLog (method, path-with-query, status) with status None
+    when the connection was dropped, plus attributes ``time`` (arrival, time.time()), ``model``
+    (model routes) and ``route``; control endpoints are not logged), ``requests_in_window(seconds,
+    route="generate", model=None)`` (the most matching requests that arrived within any window of
+    that many seconds), ``generate_requests`` (successful generateContent and streamGenerateContent
+    calls; batch requests are in ``batches``), ``count_tokens_requests``, ``upload_chunks``
+    (upload_id, offset, length, command), ``batches`` / ``batch(name)`` (Batch records: state,
+    requests with their GenerateRecord, response or error), ``caches`` / ``cache(name)`` (explicit
+    caches, including deleted and expired ones), ``held_requests`` (requests blocked by a hold fault
+    now), ``faults``, ``internal_errors`` (tracebacks of emulator bugs, each also answered 500).
     """
 
     def __init__(self, api_key: str | None = "test-key", *,
@@ -114,6 +184,15 @@ class Emulator:
                  models: Iterable[str] | None = None,
                  responder: Callable[[GenerateRecord], Any] | None = None,
                  thinking_tokens: int = 0,
+                 transcript: str = "segments",
+                 speaker_split_hz: float = DEFAULT_SPLIT_HZ,
+                 implicit_cache_seconds: float | None = 300.0,
+                 cache_min_tokens: dict[str, int] | None = None,
+                 batch_polls: int | None = 2,
+                 batch_seconds: float | None = None,
+                 batch_expire_seconds: float = 48 * 3600,
+                 batch_shuffle_seed: int | None = None,
+                 batch_echo_metadata: bool = True,
                  data_dir: str | Path | None = None,
                  host: str = "127.0.0.1", port: int = 0,
                  verbose: bool = False) -> None:
@@ -133,6 +212,17 @@ class Emulator:
         self.models = set(models) if models is not None else None
         self.responder = responder
         self.thinking_tokens = thinking_tokens
+        if transcript not in TRANSCRIPT_STYLES:
+            raise ValueError(f"transcript must be one of {TRANSCRIPT_STYLES}, not {transcript!r}")
+        self.transcript = transcript
+        self.speaker_split_hz = speaker_split_hz
+        self.implicit_cache_seconds = implicit_cache_seconds
+        self.cache_min_tokens = dict(DEFAULT_CACHE_MIN_TOKENS if cache_min_tokens is None else cache_min_tokens)
+        self.batch_polls = batch_polls
+        self.batch_seconds = batch_seconds
+        self.batch_expire_seconds = batch_expire_seconds
+        self.batch_shuffle_seed = batch_shuffle_seed
+        self.batch_echo_metadata = batch_echo_metadata
         self.verbose = verbose
         self.host, self.port = host, port
 
@@ -140,6 +230,8 @@ class Emulator:
         self._own_dir = data_dir is None
         self._data_dir: Path | None = Path(data_dir) if data_dir is not None else None
         self._store = FileStore(self)
+        self._caches = CacheStore(self)
+        self._batches = BatchStore(self)
         self._generator = Generator(self)
         self._stats = Stats()
         self._faults: list[Fault] = []
@@ -152,6 +244,9 @@ class Emulator:
         self._thread: threading.Thread | None = None
         self._helpers: list[threading.Thread] = []
         self._stopping = threading.Event()
+        self._hold_lock = threading.Lock()
+        self._hold_release = threading.Event()
+        self._held = 0
         self._started = False
         self._offline = False
 
@@ -262,6 +357,85 @@ class Emulator:
                     return fault
         return None
 
+    # ---- holds -----------------------------------------------------------------------------------
+    def release_holds(self) -> int:
+        """Let every request blocked by a "hold" fault answer now; returns how many were held."""
+        with self._hold_lock:
+            released = self._held
+            event, self._hold_release = self._hold_release, threading.Event()
+        event.set()
+        return released
+
+    @property
+    def held_requests(self) -> int:
+        """Requests blocked by a "hold" fault right now."""
+        with self._hold_lock:
+            return self._held
+
+    def _hold(self, timeout: float, closing: threading.Event) -> bool:
+        """Block a handler until release_holds(), the fault's timeout or shutdown (-> False)."""
+        with self._hold_lock:
+            event = self._hold_release
+            self._held += 1
+        try:
+            deadline = time.monotonic() + timeout
+            while not event.is_set() and time.monotonic() < deadline:
+                if closing.is_set() or self._stopping.is_set():
+                    return False
+                event.wait(0.05)      # short waits: shutdown must not wait for a release
+            return not closing.is_set()
+        finally:
+            with self._hold_lock:
+                self._held -= 1
+
+    # ---- batches ---------------------------------------------------------------------------------
+    def finish_batches(self) -> list[str]:
+        """Run every PENDING/RUNNING batch now (each request answered as generateContent would
+        answer it at this moment) -> SUCCEEDED. Returns the names of the batches that ran."""
+        done = []
+        for b in self.batches:
+            if not b.done and not b.deleted:
+                self._batches.run_now(b)
+                done.append(b.name)
+        return done
+
+    def fail_batch(self, name: str, message: str = "Batch failed.") -> None:
+        """End an unfinished batch in BATCH_STATE_FAILED with Operation.error {code: 13, message}."""
+        self._batches.fail(self.batch(name), message)
+
+    def expire_batch(self, name: str) -> None:
+        """End an unfinished batch in BATCH_STATE_EXPIRED (as after 48 h pending/running)."""
+        self._batches.expire(self.batch(name))
+
+    @property
+    def batches(self) -> list[Batch]:
+        """Every batch ever created (deleted ones too), oldest first. Records are live."""
+        with self._batches.lock:
+            return list(self._batches.all_batches)
+
+    def batch(self, name: str) -> Batch:
+        """A batch by 'batches/id' or 'id' (KeyError if unknown)."""
+        bid = name.rsplit("batches/", 1)[-1]
+        for b in self.batches:
+            if b.id == bid:
+                return b
+        raise KeyError(name)
+
+    # ---- caches ----------------------------------------------------------------------------------
+    @property
+    def caches(self) -> list[CachedContent]:
+        """Every explicit cache ever created, oldest first (delete_reason 'deleted'/'expired')."""
+        with self._caches.lock:
+            self._caches.sweep()
+            return list(self._caches.all_caches)
+
+    def cache(self, name: str) -> CachedContent:
+        cid = name.rsplit("cachedContents/", 1)[-1]
+        for c in self.caches:
+            if c.id == cid:
+                return c
+        raise KeyError(name)
+
     # ---- introspection -------------------------------------------------------------------------
     @property
     def files(self) -> list[StoredFile]:
@@ -295,6 +469,18 @@ class Emulator:
             s.high_water_bytes = self._store.high_water
             return s
 
+    def requests_in_window(self, seconds: float, route: str = "generate", model: str | None = None) -> int:
+        """The largest number of logged requests matching ``route`` (a fault route or group:
+        "generate", "batches", "any", ...) and ``model`` whose arrival times fit in one window of
+        ``seconds`` (wall clock). E.g. assert emu.requests_in_window(60) <= 10."""
+        times = sorted(r.time for r in self.stats.requests
+                       if r.time is not None and route_matches(route, r.route)
+                       and (model is None or r.model == model))
+        best = 0
+        for i, t in enumerate(times):
+            best = max(best, bisect.bisect_right(times, t + seconds) - i)
+        return best
+
     @property
     def generate_requests(self) -> list[GenerateRecord]:
         """Successful generateContent / streamGenerateContent calls, in order."""
@@ -324,12 +510,16 @@ class Emulator:
                     "files": [f.debug_json() for f in self.files],
                     "allFiles": [f.debug_json() for f in self.all_files],
                     "stats": self.stats.as_dict(), "faults": [f.to_json() for f in self._faults],
-                    "internalErrors": list(self._errors)}
+                    "batches": [{"name": b.name, "state": b.state, "requests": len(b.requests)}
+                                for b in self.batches],
+                    "caches": [dict(c.to_json(), deleteReason=c.delete_reason) for c in self.caches],
+                    "heldRequests": self.held_requests, "internalErrors": list(self._errors)}
 
     # ---- hooks for the handler -----------------------------------------------------------------
-    def _log_request(self, method: str, path: str, status: int | None) -> None:
+    def _log_request(self, method: str, path: str, status: int | None, arrived: float | None = None,
+                     model: str | None = None, route: str | None = None) -> None:
         with self._store.lock:
-            self._stats.requests.append(RequestLog(method, path, status))
+            self._stats.requests.append(RequestLog(method, path, status, arrived, model, route))
 
     def _log_chunk(self, upload_id: str, offset: int, length: int, command: str) -> None:
         with self._store.lock:
