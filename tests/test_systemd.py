@@ -214,3 +214,71 @@ def test_the_install_script_parses_and_the_example_config_is_valid() -> None:
     settings = load_settings(root / "systemd" / "config.example.toml")
     assert settings.state_dir == Path("/var/lib/audiodrop")
     assert settings.watches[0].prompts == ("transcribe",)
+
+
+# -- what the unit files say (read as systemd reads their lines) -------------------------------------------------
+
+
+def settings(name: str) -> dict[str, list[tuple[str, str]]]:
+    """Section -> (key, value) pairs of one of systemd/'s units, comments left out."""
+    sections: dict[str, list[tuple[str, str]]] = {}
+    current = ""
+    for line in (ROOT / "systemd" / name).read_text().splitlines():
+        line = line.strip()
+        if not line or line[0] in "#;":
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            current = line[1:-1]
+            sections.setdefault(current, [])
+            continue
+        key, _, value = line.partition("=")
+        sections.setdefault(current, []).append((key.strip(), value.strip()))
+    return sections
+
+
+def values(name: str, section: str, key: str) -> list[str]:
+    return [value for found, value in settings(name).get(section, []) if found == key]
+
+
+def words(name: str, section: str, key: str) -> list[str]:
+    return [word for value in values(name, section, key) for word in value.split()]
+
+
+def seconds(value: str) -> float:
+    match = re.fullmatch(r"(\d+)(s|min)?", value)
+    assert match, f"not a plain time span: {value!r}"
+    return int(match[1]) * (60 if match[2] == "min" else 1)
+
+
+@pytest.mark.parametrize("name", ["audiodrop.service", "audiodrop-user.service"])
+def test_a_daemon_that_cannot_start_is_not_retried_for_ever(name: str) -> None:
+    assert values(name, "Service", "Restart") == ["on-failure"]
+    interval, burst = values(name, "Unit", "StartLimitIntervalSec"), values(name, "Unit", "StartLimitBurst")
+    assert len(interval) == 1 and len(burst) == 1, f"{name}: StartLimitIntervalSec/StartLimitBurst in [Unit]"
+    restart_every = seconds(values(name, "Service", "RestartSec")[0])
+    # The limit must be reachable by a crash loop (burst restarts fit in the interval), must not trip on a
+    # daemon restarted a couple of times, and must not be disabled (interval 0).
+    assert 3 <= int(burst[0]) <= 10
+    assert int(burst[0]) * restart_every < seconds(interval[0]) <= 3600
+    assert not values(name, "Service", "StartLimitIntervalSec") and not values(name, "Service", "StartLimitBurst")
+
+
+def test_the_system_unit_starts_after_network_shares_are_mounted() -> None:
+    after = words("audiodrop.service", "Unit", "After")
+    assert "remote-fs.target" in after and "network-online.target" in after
+    assert "network-online.target" in words("audiodrop.service", "Unit", "Wants")
+
+
+def test_the_user_unit_names_no_system_targets() -> None:
+    # A user manager has no remote-fs.target or network-online.target to wait for; naming them does nothing.
+    unit = settings("audiodrop-user.service")["Unit"]
+    assert not [value for key, value in unit if key in ("After", "Wants", "Requires") and
+                ("remote-fs" in value or "network-online" in value)]
+
+
+@pytest.mark.parametrize("name", ["audiodrop.service", "audiodrop-user.service"])
+def test_the_daemon_is_told_the_stop_timeout(name: str) -> None:
+    assert values(name, "Service", "TimeoutStopSec") == ["30"]
+    environment = dict(word.split("=", 1) for value in values(name, "Service", "Environment")
+                       for word in value.split())
+    assert environment.get("AUDIODROP_STOP_TIMEOUT") == "30", f"{name}: Environment=AUDIODROP_STOP_TIMEOUT=30"
