@@ -13,7 +13,7 @@ import time
 
 from bench.common import command_line
 
-BENCHMARKS = ("conversion_throughput", "pickup_latency", "idle_footprint", "upload_overhead")
+BENCHMARKS = ("conversion_throughput", "pickup_latency", "idle_footprint", "burst_drain", "upload_overhead")
 
 
 def main(argv: list[str] | None = None) -> int:

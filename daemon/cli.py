@@ -19,13 +19,13 @@ from sqlalchemy.orm import Session
 
 from daemon.config import Settings, load_settings
 from daemon.errors import ConfigError, DaemonError
-from daemon.lifecycle import RecordingState
 from db import queries
 from db.models import Prompt, Recording
+from db.states import PromptState, RecordingState
 from db.session import make_engine, make_sessionmaker
 
 STATES = [state.value for state in RecordingState]
-PROMPT_STATES = ["queued", "running", "done", "failed"]
+PROMPT_STATES = [state.value for state in PromptState]
 
 
 def config_option(function: Callable[..., Any]) -> Callable[..., Any]:
@@ -294,8 +294,11 @@ def prompt_json(prompt: Prompt) -> dict[str, Any]:
         "chunks": prompt.chunks,
         "tokens": {"estimated_audio": prompt.estimated_audio_tokens, "prompt": prompt.prompt_tokens,
                    "audio": prompt.audio_tokens, "output": prompt.output_tokens, "thinking": prompt.thinking_tokens},
+        "file_error": prompt.file_error,
         "created_at": iso(prompt.created_at),
         "finished_at": iso(prompt.finished_at),
+        "history": [{"at": iso(e.at), "from": e.from_state, "to": e.to_state, "reason": e.reason}
+                    for e in prompt.events],
     }
 
 
@@ -327,35 +330,40 @@ def ask(config_path: str | None, as_json: bool, recording_ids: tuple[int, ...], 
         prompt_text: str | None, span_from: str | None, span_to: str | None, model: str | None, wait: bool,
         timeout: float | None, dry_run: bool) -> None:
     """Queue a prompt over one or more recordings."""
-    from daemon import prompts
+    from daemon import prompts, wakeup
 
     if (template is None) == (prompt_text is None):
         raise click.UsageError("give exactly one of --template NAME or --prompt TEXT")
     settings = settings_or_exit(config_path)
     span = parse_span(span_from, span_to)
+    try:
+        request = prompts.request_for(settings, list(recording_ids), template=template, prompt_text=prompt_text,
+                                      model=model, span=span)
+    except prompts.QueueError as err:
+        fail(str(err))
+        return
+    if dry_run:
+        report = dry_run_report(settings, request)
+        click.echo(json.dumps(report, indent=2) if as_json else
+                   "\n".join(f"{key}: {value}" for key, value in report.items()))
+        return
     session = open_session(settings, write=True)
     if session is None:
         fail("no recordings yet (the daemon has not run)")
     assert session is not None
     with session:
         try:
-            request = prompts.request_for(settings, list(recording_ids), template=template, prompt_text=prompt_text,
-                                          model=model, span=span)
-            queued = prompts.enqueue(session, request, now=datetime.now(UTC))
+            queued = prompts.enqueue(session, request, now=datetime.now(UTC), reason="queued by audiodrop ask")
         except prompts.QueueError as err:
             fail(str(err))
             return
-        if dry_run:
-            report = dry_run_report(settings, session, queued)
-            session.rollback()
-            click.echo(json.dumps(report, indent=2) if as_json else
-                       "\n".join(f"{key}: {value}" for key, value in report.items()))
-            return
         session.commit()
         prompt_id = queued.id
-        if not wait:
-            click.echo(json.dumps(prompt_json(queued), indent=2) if as_json else f"queued prompt {prompt_id}")
-            return
+        queued_json = prompt_json(queued)
+    wakeup.poke(settings.state_dir, "prompt", "upload")
+    if not wait:
+        click.echo(json.dumps(queued_json, indent=2) if as_json else f"queued prompt {prompt_id}")
+        return
     finished = wait_for_prompt(settings, prompt_id, timeout)
     if as_json:
         click.echo(json.dumps(prompt_json(finished), indent=2))
@@ -365,23 +373,36 @@ def ask(config_path: str | None, as_json: bool, recording_ids: tuple[int, ...], 
         fail(f"prompt {prompt_id} failed: {finished.error}")
 
 
-def dry_run_report(settings: Settings, session: Session, prompt: Prompt) -> dict[str, Any]:
-    """The estimate, and the API's countTokens answer when the recordings are live and a key is at hand."""
+def dry_run_report(settings: Settings, request: Any) -> dict[str, Any]:
+    """The estimate, and the API's countTokens answer when the recordings are live and a key is at hand. Reads
+    the database read-only; ffmpeg and countTokens run with no transaction open."""
+    from daemon import prompts
     from daemon.config import find_api_key
 
-    report: dict[str, Any] = {"recording_ids": [link.recording_id for link in prompt.recordings],
-                              "model": prompt.model, "estimated_audio_tokens": prompt.estimated_audio_tokens,
-                              "api_total_tokens": None}
-    from daemon import prompts
-
-    recordings = [r for r in (session.get(Recording, link.recording_id) for link in prompt.recordings) if r]
+    session = open_session(settings)
+    if session is None:
+        fail("no recordings yet (the daemon has not run)")
+    assert session is not None
+    with session:
+        try:
+            estimate = prompts.check(session, request)
+        except prompts.QueueError as err:
+            fail(str(err))
+        recordings = [session.get(Recording, rid) for rid in request.recording_ids]
+        session.expunge_all()
+    span = request.span
+    draft = Prompt(template=request.template, prompt_text=request.prompt_text, model=request.model,
+                   span_start_seconds=span[0] if span else None,
+                   span_end_seconds=span[1] if span and span[1] != float("inf") else None)
+    report: dict[str, Any] = {"recording_ids": list(request.recording_ids), "model": request.model,
+                              "estimated_audio_tokens": estimate, "api_total_tokens": None}
     key, _ = find_api_key(settings)
     if not key:
         report["api_note"] = "no API key: estimate only"
         return report
     with tempfile.TemporaryDirectory(prefix="audiodrop-count-") as scratch:
         try:
-            parts = prompts.parts_to_count(settings, prompt, recordings, Path(scratch))
+            parts = prompts.parts_to_count(settings, draft, [r for r in recordings if r], Path(scratch))
         except prompts.NotReady as err:
             report["api_note"] = f"{err}: estimate only"
             return report
@@ -389,7 +410,7 @@ def dry_run_report(settings: Settings, session: Session, prompt: Prompt) -> dict
 
         client = GeminiClient(key, settings.gemini, attempts=1)
         try:
-            report["api_total_tokens"] = client.count_tokens(prompt.model, [*parts, prompt.prompt_text])
+            report["api_total_tokens"] = client.count_tokens(request.model, [*parts, request.prompt_text])
         except DaemonError as err:
             report["api_note"] = f"countTokens failed: {err.title}"
         finally:
@@ -407,7 +428,10 @@ def wait_for_prompt(settings: Settings, prompt_id: int, timeout: float | None) -
         with session:
             prompt = session.get(Prompt, prompt_id)
             assert prompt is not None
-            if prompt.state in ("done", "failed"):
+            # Done means answered; its files follow a moment later (or fail to, which file_error says).
+            finished = prompt.state == "failed" or (prompt.state == "done" and (prompt.result_path or
+                                                                               prompt.file_error))
+            if finished:
                 prompt_json(prompt)  # load the links while the session is open
                 return prompt
         if deadline is not None and time.monotonic() > deadline:
@@ -462,19 +486,34 @@ def result(config_path: str | None, prompt_id: int) -> None:
 
 @main.command()
 @config_option
-@click.argument("recording_id", type=int)
-def retry(config_path: str | None, recording_id: int) -> None:
-    """Retry a failed or rejected recording now."""
-    from daemon import lifecycle
+@click.argument("item_id", metavar="ID", type=int)
+@click.option("--prompt", "is_prompt", is_flag=True, help="ID is a failed prompt: queue it again.")
+def retry(config_path: str | None, item_id: int, is_prompt: bool) -> None:
+    """Retry a failed or rejected recording (or, with --prompt, a failed prompt) now."""
+    from daemon import lifecycle, prompt_lifecycle, wakeup
 
     settings = settings_or_exit(config_path)
-    session, recording = open_row(settings, Recording, recording_id, "recording", write=True)
+    now = datetime.now(UTC)
+    if is_prompt:
+        session, prompt = open_row(settings, Prompt, item_id, "prompt", write=True)
+        with session:
+            if prompt.state != "failed":
+                fail(f"prompt {item_id} is {prompt.state}; only a failed prompt can be queued again")
+            prompt_lifecycle.advance(session, item_id, expected=prompt.state, to=PromptState.QUEUED, now=now,
+                                     reason="retry requested from the command line", error=None, attempts=0,
+                                     timeouts=0, internal_errors=0, next_attempt_at=None, finished_at=None)
+            session.commit()
+        wakeup.poke(settings.state_dir, "prompt", "upload")
+        click.echo(f"prompt {item_id} queued again")
+        return
+    session, recording = open_row(settings, Recording, item_id, "recording", write=True)
     with session:
         if recording.state not in ("failed", "rejected"):
-            fail(f"recording {recording_id} is {recording.state}; only failed or rejected recordings can be retried")
-        lifecycle.retry(session, recording, now=datetime.now(UTC), reason="retry requested from the command line")
+            fail(f"recording {item_id} is {recording.state}; only failed or rejected recordings can be retried")
+        lifecycle.retry(session, recording, now=now, reason="retry requested from the command line")
         session.commit()
-    click.echo(f"recording {recording_id} queued for another attempt")
+    wakeup.poke(settings.state_dir, "convert", "upload")
+    click.echo(f"recording {item_id} queued for another attempt")
 
 
 @main.command()

@@ -1,31 +1,49 @@
-"""What every pipeline step needs, built once by the service: settings, database sessions, the clock, the
-Gemini client (None without an API key) and the shared "what are we waiting for" record."""
+"""What every pipeline step needs, built once by the service (or by `audiodrop process`): settings, database
+sessions, the clock, the Gemini client (None without an API key), this run's name for claims, the engine's
+wake-up, and the record of what the uploads and prompts are waiting for."""
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime, timedelta
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from daemon.clock import Clock, SystemClock
 from daemon.config import Settings
 from daemon.gemini import GeminiClient
 from daemon.policy import Action, Decision
 
-def utcnow() -> datetime:
-    return datetime.now(UTC)
+# A storage-quota refusal that files.list cannot explain waits (gemini.storage_retry_seconds), doubling each time
+# up to this cap.
+QUOTA_PAUSE_CAP_SECONDS = 1800.0
+
+
+def human_bytes(count: int) -> str:
+    """1234 -> '1.2 kB', 3456789 -> '3.5 MB' (decimal units, as the quota is counted)."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= size:
+            return f"{count / size:.1f} {unit}"
+    return f"{count} bytes"
 
 
 @dataclass
 class Waiting:
-    """Global reasons the uploads pause: the API is unreachable, the key is missing or refused."""
+    """Reasons the API work of this run pauses as a whole: the API is unreachable, the key is missing or
+    refused, or the server refuses uploads as over the storage quota."""
 
     offline_since: datetime | None = None
     auth_problem: str | None = None
     quota_problem: str | None = None
-    retry_at: datetime | None = None
+    retry_at: datetime | None = None  # offline or key refused: every API call waits
+    quota_retry_at: datetime | None = None  # storage refused: only uploads wait
+    # Uploads wait because nothing of ours can be evicted (every copy is needed by a prompt): not a pause.
+    storage_note: str | None = None
+    # Storage refusals in a row, and the size of the last refused upload (to judge what a reconcile explains).
+    quota_refusals: int = 0
+    refused_bytes: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def describe(self, has_key: bool) -> str | None:
@@ -35,36 +53,58 @@ class Waiting:
             return self.auth_problem
         if self.offline_since:
             return f"offline since {self.offline_since.isoformat(timespec='seconds')}; retrying"
-        if self.quota_problem:
-            return self.quota_problem
-        return None
+        return self.quota_problem or self.storage_note
 
-    def paused(self, now: datetime) -> bool:
-        return self.retry_at is not None and now < self.retry_at
+    def paused(self, now: datetime, *, upload: bool = False) -> bool:
+        """Whether API calls (`upload`: uploads) must wait now."""
+        if self.retry_at is not None and now < self.retry_at:
+            return True
+        return upload and self.quota_retry_at is not None and now < self.quota_retry_at
 
-    def note(self, decision: Decision, now: datetime) -> None:
-        """A global problem: pause everything that talks to the API until `decision.retry_at`."""
+    def resume_at(self, *, upload: bool = False) -> datetime | None:
+        """When the pause that holds API calls (or uploads) ends."""
+        times = [self.retry_at] + ([self.quota_retry_at] if upload else [])
+        return max((t for t in times if t is not None), default=None)
+
+    def note(self, decision: Decision, now: datetime, *, refused_bytes: int = 0, quota_pause: float = 30.0) -> None:
+        """A problem of the whole API: pause everything that talks to it until `decision.retry_at` (a storage
+        refusal pauses uploads longer each time it repeats)."""
         with self.lock:
+            if decision.action is Action.MAKE_ROOM:
+                self.quota_refusals += 1
+                self.refused_bytes = refused_bytes
+                pause = min(quota_pause * 2 ** (self.quota_refusals - 1), QUOTA_PAUSE_CAP_SECONDS)
+                self.quota_retry_at = now + timedelta(seconds=pause)
+                self.quota_problem = (f"waiting for storage: the server refused an upload of "
+                                      f"{human_bytes(refused_bytes)} as over the project's quota "
+                                      f"({self.quota_refusals} time(s) in a row); retrying at "
+                                      f"{self.quota_retry_at.isoformat(timespec='seconds')}")
+                return
             if decision.action is Action.WAIT_OFFLINE:
                 self.offline_since = self.offline_since or now
             elif decision.action is Action.WAIT_AUTH:
                 self.auth_problem = decision.error
-            elif decision.action is Action.MAKE_ROOM:
-                self.quota_problem = decision.error
             self.retry_at = decision.retry_at
 
-    def storage_reconciled(self) -> None:
-        """The server's usage was just read again: uploads retry now, making room from the corrected ledger."""
+    def storage_reconciled(self, refused_upload_fits: bool) -> None:
+        """The server's usage was read again. If the ledger now explains the refusal (the upload no longer fits),
+        uploads go on at once and make room by evicting; an unexplained refusal keeps its pause."""
         with self.lock:
-            if self.quota_problem:
-                self.quota_problem = None
-                self.retry_at = None
+            if self.quota_problem and not refused_upload_fits:
+                self.quota_retry_at = None
+
+    def upload_succeeded(self) -> None:
+        with self.lock:
+            self.quota_refusals = 0
+            self.quota_problem = None
+            self.quota_retry_at = None
 
     def clear_network_problems(self) -> None:
         """The API answered: it is reachable and the key works."""
         with self.lock:
             self.offline_since = None
             self.auth_problem = None
+            self.retry_at = None
 
 
 @dataclass
@@ -72,7 +112,13 @@ class Context:
     settings: Settings
     sessions: sessionmaker[Session]
     client: GeminiClient | None
-    now: Callable[[], datetime] = utcnow
+    clock: Clock = field(default_factory=SystemClock)
     waiting: Waiting = field(default_factory=Waiting)
     instance_id: str = ""
-    wake: Callable[[str], None] = lambda job: None
+    # This run's name in claims: node and a random run id, so a restarted daemon never mistakes a dead run's
+    # claim for its own.
+    holder: str = "local"
+    wake: Callable[..., None] = lambda *kinds, at=None: None
+
+    def now(self) -> datetime:
+        return self.clock.now()

@@ -222,9 +222,15 @@ def check_database(settings: Settings) -> Check:
 
     from db.session import alembic_config, head_revision, make_engine, schema_revision
 
+    from db.session import check_integrity
+
     path, head = settings.database_path, head_revision()
     if not path.exists():
         return Check("database", OK, f"{path} does not exist yet; the daemon creates it at its first start")
+    try:
+        check_integrity(path)
+    except DaemonError as err:
+        return Check("database", FAIL, err.title, err.hint)
     engine = make_engine(path, readonly=True)
     try:
         revision = schema_revision(engine)

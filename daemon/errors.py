@@ -2,9 +2,13 @@
 
     DaemonError                 .title + .hint; str() is "title. hint"
     ├── ConfigError             fatal at start; lists every problem with the file and key
+    ├── DatabaseError           the database cannot be used (corrupt, unreachable, a schema newer than the code)
     ├── TransientError          retried automatically with backoff (network, 429/5xx, timeouts, busy tools)
     │   ├── OfflineError        the API cannot be reached at all
-    │   └── StorageQuotaFull    the Files API storage quota is full: free space, never sleep on RetryInfo
+    │   ├── AuthError           the API key is missing or refused: everything waits, without hammering
+    │   ├── StorageQuotaFull    the Files API storage quota is full: free space, never sleep on RetryInfo
+    │   ├── RemoteFileGone      a 403 on a file we believed alive: it expired or was deleted; re-upload it
+    │   └── GenerationTimeout   a generation ran out of its time limit (it may have been billed: bounded retries)
     └── PermanentError          the recording is marked failed/rejected; no retry until a person asks
         ├── RejectedInput       the input itself is unusable (not audio, empty, no audio stream, ...)
         ├── TranscodeError      ffmpeg failed on an input it could probe
@@ -45,6 +49,10 @@ class TransientError(DaemonError):
         self.status = status
 
 
+class DatabaseError(DaemonError):
+    """The database cannot be used: corrupt, unreachable, or at a schema this code does not know."""
+
+
 class OfflineError(TransientError):
     """The API cannot be reached (connection refused, DNS, reset)."""
 
@@ -59,6 +67,11 @@ class StorageQuotaFull(TransientError):
 
 class RemoteFileGone(TransientError):
     """A remote file answered 403 PERMISSION_DENIED: it expired or was deleted; re-upload it."""
+
+
+class GenerationTimeout(TransientError):
+    """A generateContent call ran out of prompts.generate_timeout_seconds; the server may still have answered
+    (and billed) it, so it is not re-sent blindly."""
 
 
 class PermanentError(DaemonError):

@@ -16,12 +16,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+import threading
 from typing import Any
 
-import httpx2
-from google import genai
-from google.genai import errors as genai_errors
-from google.genai import types
+from typing import TYPE_CHECKING
 
 from daemon.config import GeminiSettings
 from daemon.errors import (
@@ -29,10 +27,15 @@ from daemon.errors import (
     OfflineError,
     PermanentError,
     RemoteFileGone,
+    GenerationTimeout,
     StorageQuotaFull,
     TransientError,
     UnsupportedFormat,
 )
+
+if TYPE_CHECKING:
+    from google import genai
+    from google.genai import types
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +83,8 @@ class Generation:
 
 
 def _contents(parts: list[FilePart | InlinePart | str]) -> list[types.Part]:
+    from google.genai import types
+
     built = []
     for part in parts:
         if isinstance(part, FilePart):
@@ -140,13 +145,16 @@ def _retry_delay(details: Any) -> float | None:
     return None
 
 
-def _is_storage_quota(err: genai_errors.APIError) -> bool:
+def _is_storage_quota(err: Any) -> bool:
     text = f"{err.message} {err.details}"
     return "file_storage_bytes" in text or "FileStorageBytesPerProject" in text
 
 
 def translate(err: BaseException, *, subject: str) -> Exception:
     """The daemon error for an SDK or transport error; `subject` names what was being done."""
+    import httpx2
+    from google.genai import errors as genai_errors
+
     if isinstance(err, httpx2.ConnectError):
         return OfflineError(f"{subject}: the Gemini API cannot be reached ({err})",
                             "check the network; everything waits and resumes by itself")
@@ -180,6 +188,9 @@ def translate(err: BaseException, *, subject: str) -> Exception:
 
 @contextmanager
 def convert_api_errors(subject: str) -> Iterator[None]:
+    import httpx2
+    from google.genai import errors as genai_errors
+
     try:
         yield
     except (genai_errors.APIError, httpx2.HTTPError, ValueError) as err:
@@ -190,23 +201,40 @@ def convert_api_errors(subject: str) -> Iterator[None]:
 
 
 class GeminiClient:
-    """Files API and prompts over the real SDK, with explicit timeouts and retries."""
+    """Files API and prompts over the real SDK, with explicit timeouts and retries. The SDK (about 40 MB of
+    memory) is imported at the first call, so a daemon with no API work to do never loads it."""
 
     def __init__(self, api_key: str, settings: GeminiSettings, *, attempts: int = 3) -> None:
         self.settings = settings
-        options: dict[str, Any] = {
-            "timeout": int(settings.request_timeout_seconds * 1000),
-            # 429 is left out on purpose: the daemon treats storage and rate 429s differently.
-            "retry_options": types.HttpRetryOptions(attempts=attempts, initial_delay=1.0, max_delay=8.0,
-                                                    http_status_codes=[408, 500, 502, 503, 504]),
-        }
-        if settings.base_url:
-            options["base_url"] = settings.base_url
-        if settings.api_version:
-            options["api_version"] = settings.api_version
-        self._client = genai.Client(api_key=api_key, http_options=types.HttpOptions(**options))
+        self._api_key = api_key
+        self._attempts = attempts
+        self._made: genai.Client | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def _client(self) -> genai.Client:
+        with self._lock:
+            if self._made is None:
+                from google import genai
+                from google.genai import types
+
+                options: dict[str, Any] = {
+                    "timeout": int(self.settings.request_timeout_seconds * 1000),
+                    # 429 is left out on purpose: the daemon treats storage and rate 429s differently.
+                    "retry_options": types.HttpRetryOptions(attempts=self._attempts, initial_delay=1.0,
+                                                            max_delay=8.0,
+                                                            http_status_codes=[408, 500, 502, 503, 504]),
+                }
+                if self.settings.base_url:
+                    options["base_url"] = self.settings.base_url
+                if self.settings.api_version:
+                    options["api_version"] = self.settings.api_version
+                self._made = genai.Client(api_key=self._api_key, http_options=types.HttpOptions(**options))
+            return self._made
 
     def upload(self, path: Path, *, mime_type: str, display_name: str) -> RemoteFile:
+        from google.genai import types
+
         # An open file object, not a path: the SDK puts a path's basename in a header, which breaks on
         # non-ASCII names. The MIME type is always explicit (guessing is host-dependent).
         config = types.UploadFileConfig(
@@ -231,12 +259,29 @@ class GeminiClient:
 
     def generate(self, model: str, parts: list[FilePart | InlinePart | str], *,
                  system_instruction: str | None = None, max_output_tokens: int | None = None,
-                 thinking_budget: int | None = None) -> Generation:
+                 thinking_budget: int | None = None, timeout_seconds: float | None = None) -> Generation:
+        """One generateContent call. Its time limit is its own (long answers take minutes), and the SDK never
+        re-sends it after a timeout: each attempt may be billed, so the caller decides (GenerationTimeout)."""
+        import httpx2
+        from google.genai import types
+
         thinking = types.ThinkingConfig(thinking_budget=thinking_budget) if thinking_budget is not None else None
+        limit = timeout_seconds or self.settings.request_timeout_seconds
+        # attempts=1: the SDK would re-send a timed-out request too (it cannot tell a timeout from a 5xx here).
+        http = types.HttpOptions(timeout=int(limit * 1000), retry_options=types.HttpRetryOptions(attempts=1))
         config = types.GenerateContentConfig(system_instruction=system_instruction,
-                                             max_output_tokens=max_output_tokens, thinking_config=thinking)
-        with convert_api_errors(f"prompt to {model}"):
-            response = self._client.models.generate_content(model=model, contents=_contents(parts), config=config)
+                                             max_output_tokens=max_output_tokens, thinking_config=thinking,
+                                             http_options=http)
+        try:
+            with convert_api_errors(f"prompt to {model}"):
+                response = self._client.models.generate_content(model=model, contents=_contents(parts),
+                                                                config=config)
+        except TransientError as err:
+            if isinstance(err.__cause__, httpx2.TimeoutException):
+                raise GenerationTimeout(f"prompt to {model}: no answer within {limit:g} s",
+                                        "prompts.generate_timeout_seconds is the time limit of one generation") \
+                    from err.__cause__
+            raise
         candidate = response.candidates[0] if response.candidates else None
         reason = candidate.finish_reason.value if candidate is not None and candidate.finish_reason else "NONE"
         usage = response.usage_metadata
@@ -255,4 +300,6 @@ class GeminiClient:
             return int(self._client.models.count_tokens(model=model, contents=_contents(parts)).total_tokens or 0)
 
     def close(self) -> None:
-        self._client.close()
+        with self._lock:
+            if self._made is not None:
+                self._made.close()

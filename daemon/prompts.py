@@ -1,42 +1,47 @@
-"""The prompt queue: queueing a prompt over recordings, and running it once every file it needs is usable.
+"""The prompt queue: queueing a prompt over recordings, and running it (as engine work) once every file it needs
+is usable.
 
 A prompt runs only when all its recordings are ACTIVE and none expires within the margin; otherwise it waits
-(queued, with `waiting_for` saying why) while the uploader re-uploads them. A small recording whose remote
-copy is not live goes inline instead. Long transcripts and `--from/--to` spans are cut locally with ffmpeg
-and sent as inline pieces, and their timestamps are mapped back onto the recording's timeline. A result
-whose finish reason is not STOP, or that is empty, is never `done`: the prompt is retried with a larger
-output budget, then split, and fails with the reason if that does not help. Prompt states change only here.
+(queued, with `waiting_for` saying why) while the uploader re-uploads them, and their progress wakes it. A small
+recording whose remote copy is not live goes inline instead. Long transcripts and `--from/--to` spans are cut
+locally with ffmpeg and sent as inline pieces, and their timestamps are mapped back onto the recording's
+timeline. A result whose finish reason is not STOP, or that is empty, is never `done`: the prompt is retried
+with a larger output budget, then split, and fails with the reason if that does not help.
+
+The answer is stored in the database the moment it arrives (the prompt is then `done`); its files are written
+after, and a failed write is retried without asking the model again: every answer is billed.
 """
 
 from __future__ import annotations
 
-import enum
 import json
 import logging
 import math
 import os
 import re
 import threading
-import time
 from collections import defaultdict, deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, func, or_, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
-from daemon import chunking, lifecycle, policy, results, transcode
+from daemon import chunking, lifecycle, policy, prompt_lifecycle, remote, results, transcode
+from daemon.clock import Clock
 from daemon.config import Settings, Template
 from daemon.context import Context
-from daemon.errors import PermanentError, TransientError
+from daemon.engine import Claim
+from daemon.errors import GenerationTimeout, PermanentError, TransientError
 from daemon.gemini import FilePart, Generation, InlinePart
-from daemon.lifecycle import RecordingState as S
 from daemon.policy import Action
-from db.models import Prompt, PromptRecording, Recording, TokenUsage
+from db.models import Prompt, PromptPart, PromptRecording, Recording, TokenUsage
 from db.session import session_scope
+from db.states import PromptState as P
+from db.states import RecordingState as S
 
 log = logging.getLogger(__name__)
 
@@ -45,21 +50,11 @@ MAX_PROMPT_SECONDS = chunking.MAX_PROMPT_SECONDS
 MIN_CHUNK_SECONDS = 120.0
 # A transcript whose timestamps stop before this share of its audio is flagged: its end may be missing.
 LOW_COVERAGE = 0.8
-WAIT_RECHECK_SECONDS = 2.0
-
-
-class PromptState(enum.StrEnum):
-    QUEUED = "queued"
-    """Waiting to run: for its turn, for its files to be uploaded, for a rate limit or the network."""
-    RUNNING = "running"
-    """Claimed by a worker and talking to the model."""
-    DONE = "done"
-    """The result is stored in the database and written to results_dir."""
-    FAILED = "failed"
-    """It could not be answered; `error` says why."""
-
-
-P = PromptState
+# A prompt waiting for its files is woken by their progress; this only bounds a lost wake-up.
+FILES_RECHECK_SECONDS = 60.0
+# Generations that run out of generate_timeout_seconds: each may have been billed, so only this many are tried.
+MAX_GENERATION_TIMEOUTS = 2
+RESULT_FILES_RETRY_SECONDS = 15.0
 
 
 def estimate_audio_tokens(seconds: float) -> int:
@@ -99,17 +94,18 @@ def request_for(settings: Settings, recording_ids: list[int], *, template: str |
                    output_format=chosen.output_format if chosen else "markdown", span=span)
 
 
-def enqueue(session: Session, request: Request, *, now: datetime) -> Prompt:
-    """Queue a prompt after checking its recordings and the 9.5-hour limit."""
+def check(session: Session, request: Request) -> int | None:
+    """Check a request against its recordings and the 9.5-hour limit (QueueError says what is wrong). Returns the
+    estimated audio tokens, when the recordings' durations are known."""
     if not request.recording_ids:
         raise QueueError("name at least one recording")
     if len(set(request.recording_ids)) != len(request.recording_ids):
         raise QueueError("a recording is named twice")
     recordings = [session.get(Recording, rid) for rid in request.recording_ids]
-    for rid, recording in zip(request.recording_ids, recordings):
+    for rid, recording in zip(request.recording_ids, recordings, strict=True):
         if recording is None:
             raise QueueError(f"no recording with id {rid}")
-        if recording.state == S.REJECTED.value:
+        if recording.state == S.REJECTED:
             raise QueueError(f"recording {rid} was rejected ({recording.error}); it cannot be prompted")
     durations = [r.duration_seconds for r in recordings if r is not None]
     seconds = None if None in durations else float(sum(d or 0 for d in durations))
@@ -128,17 +124,23 @@ def enqueue(session: Session, request: Request, *, now: datetime) -> Prompt:
     if seconds is not None and seconds > MAX_PROMPT_SECONDS and not splittable:
         raise QueueError(f"{seconds / 3600:.1f} hours of audio is more than the 9.5 hours one prompt may hold; "
                          "ask over fewer recordings or a --from/--to span")
-    prompt = Prompt(state=P.QUEUED.value, template=request.template, prompt_text=request.prompt_text,
+    return estimate_audio_tokens(seconds) if seconds is not None else None
+
+
+def enqueue(session: Session, request: Request, *, now: datetime, reason: str = "queued") -> Prompt:
+    """Queue a prompt after checking its recordings and the 9.5-hour limit."""
+    estimate = check(session, request)
+    prompt = Prompt(state=P.QUEUED, template=request.template, prompt_text=request.prompt_text,
                     system_instruction=request.system_instruction, model=request.model,
                     output_format=request.output_format,
                     span_start_seconds=request.span[0] if request.span else None,
                     span_end_seconds=request.span[1] if request.span and math.isfinite(request.span[1]) else None,
-                    estimated_audio_tokens=estimate_audio_tokens(seconds) if seconds is not None else None,
-                    created_at=now, attempts=0)
+                    estimated_audio_tokens=estimate, created_at=now, attempts=0)
     session.add(prompt)
     session.flush()
     for position, rid in enumerate(request.recording_ids):
         session.add(PromptRecording(prompt_id=prompt.id, recording_id=rid, position=position))
+    prompt_lifecycle.created(session, prompt, now=now, reason=reason)
     session.flush()
     return prompt
 
@@ -151,28 +153,27 @@ def enqueue_watch_prompts(session: Session, settings: Settings, recording: Recor
     if session.scalar(select(PromptRecording.prompt_id).where(PromptRecording.recording_id == recording.id).limit(1)):
         return
     for name in watch.prompts:
-        enqueue(session, request_for(settings, [recording.id], template=name), now=now)
+        enqueue(session, request_for(settings, [recording.id], template=name), now=now,
+                reason=f"queued for the drop folder {watch.path}")
 
 
-def _move(session: Session, prompt_id: int, expected: PromptState, to: PromptState, **changes: Any) -> bool:
-    """Compare-and-set one prompt's state (the only place prompt states change)."""
-    result = session.execute(update(Prompt).where(Prompt.id == prompt_id, Prompt.state == expected.value)
-                             .values(state=to.value, **changes).execution_options(synchronize_session=False))
-    return bool(result.rowcount)
-
-
-def recover(ctx: Context) -> int:
-    """Prompts a previous run left running go back to the queue (their result was never stored)."""
-    with session_scope(ctx.sessions) as session:
-        stale = session.scalars(select(Prompt.id).where(Prompt.state == P.RUNNING.value)).all()
-        for prompt_id in stale:
-            _move(session, prompt_id, P.RUNNING, P.QUEUED, claimed_until=None,
-                  waiting_for="the daemon stopped while it ran; running it again")
-    return len(stale)
+def recording_ready(session: Session, recording_id: int) -> None:
+    """A recording was converted or became ACTIVE: prompts waiting for their files look again now."""
+    waiting = select(PromptRecording.prompt_id).where(PromptRecording.recording_id == recording_id)
+    session.execute(update(Prompt).where(Prompt.id.in_(waiting), Prompt.state == P.QUEUED, Prompt.wait_kind == "files")
+                    .values(next_attempt_at=None).execution_options(synchronize_session=False))
 
 
 class NotReady(Exception):
-    """The prompt's files are not usable yet; it waits in the queue."""
+    """The prompt's files are not usable yet; it waits in the queue (woken when they are)."""
+
+
+class RateLimited(Exception):
+    """No request slot for the model yet; it waits in the queue until `at`."""
+
+    def __init__(self, message: str, at: datetime) -> None:
+        super().__init__(message)
+        self.at = at
 
 
 class Truncated(Exception):
@@ -183,67 +184,82 @@ class Truncated(Exception):
         self.reason = reason
 
 
-class PromptRunner:
-    """Claims due prompts and runs them on a small pool, within a requests-per-minute limit per model."""
+# The server counts requests when they arrive; a slot is taken a moment before (the request is still built and
+# sent): a second of margin keeps a busy machine's late request out of the next window.
+RATE_WINDOW_SECONDS = 61.0
 
-    def __init__(self, ctx: Context) -> None:
-        self.ctx = ctx
-        self.pool = ThreadPoolExecutor(max_workers=ctx.settings.prompts.workers, thread_name_prefix="prompt")
-        self.running: set[int] = set()
+
+class RateLimiter:
+    """At most `requests_per_minute` requests to each model over any sliding minute (for this run)."""
+
+    def __init__(self, clock: Clock, per_minute: int) -> None:
+        self.clock = clock
+        self.per_minute = per_minute
+        self.sent: dict[str, deque[datetime]] = defaultdict(deque)
         self.lock = threading.Lock()
-        self.sent: dict[str, deque[float]] = defaultdict(deque)
 
-    def dispatch(self) -> None:
-        ctx = self.ctx
-        if ctx.client is None or ctx.waiting.paused(ctx.now()):
-            return
-        with self.lock:
-            free = ctx.settings.prompts.workers - len(self.running)
-        if free <= 0:
-            return
-        now = ctx.now()
-        claimed = []
-        with session_scope(ctx.sessions) as session:
-            due = session.scalars(select(Prompt).where(Prompt.state == P.QUEUED.value)
-                                  .where((Prompt.next_attempt_at.is_(None)) | (Prompt.next_attempt_at <= now))
-                                  .order_by(Prompt.id).limit(free)).all()
-            for prompt in due:
-                if _move(session, prompt.id, P.QUEUED, P.RUNNING, claimed_until=now + timedelta(hours=1),
-                         started_at=prompt.started_at or now):
-                    claimed.append(prompt.id)
-        for prompt_id in claimed:
-            with self.lock:
-                self.running.add(prompt_id)
-            self.pool.submit(self._run, prompt_id)
-
-    def _run(self, prompt_id: int) -> None:
-        try:
-            run_prompt(self.ctx, prompt_id, self)
-        except Exception:
-            log.exception("prompt %d: unexpected error", prompt_id)
-            with session_scope(self.ctx.sessions) as session:
-                _move(session, prompt_id, P.RUNNING, P.FAILED, finished_at=self.ctx.now(), claimed_until=None,
-                      error="unexpected error while running the prompt; see the daemon log")
-        finally:
-            with self.lock:
-                self.running.discard(prompt_id)
-            self.ctx.wake("prompts")
-
-    def take_request_slot(self, model: str) -> float:
+    def take(self, model: str) -> float:
         """0 if a request to `model` may go now (and counts it), else the seconds until one may."""
-        limit = self.ctx.settings.prompts.requests_per_minute
-        now = time.monotonic()
+        now = self.clock.now()
         with self.lock:
             sent = self.sent[model]
-            while sent and now - sent[0] >= 60:
+            while sent and (now - sent[0]).total_seconds() >= RATE_WINDOW_SECONDS:
                 sent.popleft()
-            if len(sent) >= limit:
-                return 60 - (now - sent[0])
+            if len(sent) >= self.per_minute:
+                return RATE_WINDOW_SECONDS - (now - sent[0]).total_seconds()
             sent.append(now)
             return 0.0
 
-    def shutdown(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)
+
+class PromptKind:
+    """Engine work: claim due prompts (queued -> running) and run them."""
+
+    name = "prompt"
+
+    def __init__(self, ctx: Context, lease: Any, only: set[int] | None = None) -> None:
+        self.ctx = ctx
+        self.lease = lease
+        self.only = only
+        self.limiter = RateLimiter(ctx.clock, ctx.settings.prompts.requests_per_minute)
+
+    def workers(self) -> int:
+        return self.ctx.settings.prompts.workers
+
+    def claim(self, session: Session, now: datetime, limit: int) -> list[Claim]:
+        if self.ctx.client is None or self.ctx.waiting.paused(now):
+            return []
+        query = (select(Prompt.id).where(Prompt.state == P.QUEUED,
+                                         or_(Prompt.next_attempt_at.is_(None), Prompt.next_attempt_at <= now),
+                                         or_(Prompt.claimed_until.is_(None), Prompt.claimed_until < now))
+                 .order_by(Prompt.id).limit(limit))
+        if self.only is not None:
+            query = query.where(Prompt.id.in_(self.only))
+        claims = []
+        for prompt_id in session.scalars(query).all():
+            token = prompt_lifecycle.claim(session, prompt_id, now=now, holder=self.ctx.holder, until=self.lease(now))
+            if token is not None:
+                claims.append(Claim(self.name, Prompt, prompt_id, token))
+        return claims
+
+    def next_due(self, session: Session, now: datetime) -> datetime | None:
+        if self.ctx.client is None:
+            return None
+        if self.ctx.waiting.paused(now):
+            return self.ctx.waiting.resume_at()
+        return session.scalar(select(func.min(Prompt.next_attempt_at)).where(Prompt.state == P.QUEUED))
+
+    def run(self, claim: Claim) -> None:
+        try:
+            run_prompt(self.ctx, claim.key, claim.token, self.limiter)
+        except Exception:
+            log.exception("prompt %s: unexpected error", claim.key)
+            with session_scope(self.ctx.sessions) as session:
+                prompt_lifecycle.advance(session, claim.key, expected=P.RUNNING, to=P.FAILED, now=self.ctx.now(),
+                                         token=claim.token, release=True, finished_at=self.ctx.now(),
+                                         reason="unexpected error", error="unexpected error while running the "
+                                                                          "prompt; see the daemon log")
+        finally:
+            self.ctx.wake("upload")  # what it pinned may be evictable now
 
 
 @dataclass
@@ -252,27 +268,32 @@ class Job:
 
     prompt: Prompt
     recordings: list[Recording]
+    token: int
 
 
-def run_prompt(ctx: Context, prompt_id: int, runner: PromptRunner) -> None:
+def run_prompt(ctx: Context, prompt_id: int, token: int, limiter: RateLimiter) -> None:
     with session_scope(ctx.sessions) as session:
         prompt = session.get(Prompt, prompt_id)
-        if prompt is None or prompt.state != P.RUNNING.value:
+        if prompt is None or prompt.state != P.RUNNING or prompt.claim_token != token:
             return
         ids = [link.recording_id for link in prompt.recordings]
         recordings = [session.get(Recording, rid) for rid in ids]
-        job = Job(prompt, [r for r in recordings if r is not None])
+        job = Job(prompt, [r for r in recordings if r is not None], token)
         session.expunge_all()
     try:
-        text, meta = answer(ctx, job, runner)
+        text, meta = answer(ctx, job, limiter)
     except NotReady as waiting:
-        _requeue(ctx, job.prompt, str(waiting), ctx.now() + timedelta(seconds=WAIT_RECHECK_SECONDS))
+        _requeue(ctx, job, str(waiting), ctx.now() + timedelta(seconds=FILES_RECHECK_SECONDS), wait_kind="files")
+        return
+    except RateLimited as limited:
+        _requeue(ctx, job, str(limited), limited.at, wait_kind="rate")
         return
     except Exception as err:
         _handle_error(ctx, job, err)
         return
     _check_coverage(job, text, meta)
-    _store_result(ctx, job, text, meta)
+    if store_answer(ctx, job, text, meta):
+        write_result_files(ctx, job.prompt.id)
 
 
 def _check_coverage(job: Job, text: str, meta: dict[str, Any]) -> None:
@@ -319,7 +340,7 @@ def planned_delivery(settings: Settings, prompt: Prompt, recordings: list[Record
         return "chunks"
     # Inline saves a (re-)upload for a small recording whose remote copy is not live and no other prompt needs.
     request_bytes = math.ceil((single.converted_bytes or 0) * 4 / 3) + len(prompt.prompt_text.encode()) + 4096
-    if settings.prompts.inline == "auto" and not shared and single.state != S.ACTIVE.value \
+    if settings.prompts.inline == "auto" and not shared and single.state != S.ACTIVE \
             and single.converted_bytes and request_bytes <= settings.prompts.inline_limit_bytes:
         return "inline"
     return "files"
@@ -328,11 +349,12 @@ def planned_delivery(settings: Settings, prompt: Prompt, recordings: list[Record
 def parts_to_count(settings: Settings, prompt: Prompt, recordings: list[Recording],
                    scratch: Path) -> list[FilePart | InlinePart]:
     """The audio of a prompt as countTokens can take it without uploading anything: live remote files, else the
-    compact copies inline (a --from/--to span cut locally into `scratch`). NotReady says why it cannot."""
+    compact copies inline (a --from/--to span cut locally into `scratch`). NotReady says why it cannot.
+    Runs ffmpeg: call it outside any transaction."""
     parts: list[FilePart | InlinePart] = []
     inline_bytes = 0
     for recording in recordings:
-        live = recording.state == S.ACTIVE.value and recording.remote_uri
+        live = recording.state == S.ACTIVE and recording.remote_uri
         if live and prompt.span_start_seconds is None:
             parts.append(FilePart(recording.remote_uri or "", recording.converted_mime or ""))
             continue
@@ -355,9 +377,9 @@ def parts_to_count(settings: Settings, prompt: Prompt, recordings: list[Recordin
 
 def needs_remote_copies(session: Session, settings: Settings) -> set[int]:
     """Recordings whose remote copy a queued or running prompt will use: never evicted, re-uploaded when expired.
-    Every upload tick asks, so it reads in three queries however long the queue is."""
+    Every upload claim asks, so it reads in three queries however long the queue is."""
     active_prompts = session.scalars(select(Prompt).options(selectinload(Prompt.recordings))
-                                     .where(Prompt.state.in_((P.QUEUED.value, P.RUNNING.value)))).all()
+                                     .where(Prompt.state.in_((P.QUEUED, P.RUNNING)))).all()
     users: dict[int, int] = defaultdict(int)
     for prompt in active_prompts:
         for link in prompt.recordings:
@@ -378,14 +400,14 @@ def _shared(ctx: Context, job: Job) -> bool:
     with session_scope(ctx.sessions) as session:
         other = session.scalar(select(PromptRecording.prompt_id).join(Prompt).where(
             PromptRecording.recording_id.in_(ids), Prompt.id != job.prompt.id,
-            Prompt.state.in_((P.QUEUED.value, P.RUNNING.value))).limit(1))
+            Prompt.state.in_((P.QUEUED, P.RUNNING))).limit(1))
     return other is not None
 
 
-def answer(ctx: Context, job: Job, runner: PromptRunner) -> tuple[str, dict[str, Any]]:
+def answer(ctx: Context, job: Job, limiter: RateLimiter) -> tuple[str, dict[str, Any]]:
     """The model's answer for the job, by its planned path: cut pieces, inline, or the Files API."""
     prompt, recordings = job.prompt, job.recordings
-    rejected = [r for r in recordings if r.state == S.REJECTED.value]
+    rejected = [r for r in recordings if r.state == S.REJECTED]
     if rejected:
         raise PermanentError(f"recording {rejected[0].id} was rejected: {rejected[0].error}")
     not_converted = [r for r in recordings if not r.converted_path or r.duration_seconds is None]
@@ -394,22 +416,22 @@ def answer(ctx: Context, job: Job, runner: PromptRunner) -> tuple[str, dict[str,
     delivery = planned_delivery(ctx.settings, prompt, recordings, shared=_shared(ctx, job))
     single = recordings[0]
     if delivery == "span":
-        return _answer_span(ctx, job, single, runner)
+        return _answer_span(ctx, job, single, limiter)
     if delivery == "chunks":
-        return _answer_chunked(ctx, job, single, prompt.chunk_seconds or ctx.settings.prompts.chunk_seconds, runner)
+        return _answer_chunked(ctx, job, single, prompt.chunk_seconds or ctx.settings.prompts.chunk_seconds, limiter)
     if delivery == "inline":
         data = Path(single.converted_path or "").read_bytes()
-        generation = _generate(ctx, job, [InlinePart(data, single.converted_mime or "audio/ogg")], runner)
+        generation = _generate(ctx, job, [InlinePart(data, single.converted_mime or "audio/ogg")], limiter)
         return generation.text, _meta(generation, delivery="inline")
     parts: list[FilePart | InlinePart | str] = [FilePart(r.remote_uri or "", r.converted_mime or "") for r in
                                                 _ready_remote(ctx, job)]
-    generation = _generate(ctx, job, parts, runner)
+    generation = _generate(ctx, job, parts, limiter)
     return generation.text, _meta(generation, delivery="files")
 
 
 def _ready_remote(ctx: Context, job: Job) -> list[Recording]:
-    """The job's recordings if every one is ACTIVE beyond the expiry margin; otherwise start their
-    re-upload and raise NotReady."""
+    """The job's recordings if every one is ACTIVE beyond the expiry margin; otherwise start their re-upload and
+    raise NotReady."""
     now = ctx.now()
     margin = timedelta(seconds=ctx.settings.gemini.expiry_margin_seconds)
     waiting = []
@@ -417,36 +439,35 @@ def _ready_remote(ctx: Context, job: Job) -> list[Recording]:
         for recording in job.recordings:
             current = session.get(Recording, recording.id)
             assert current is not None
-            if current.state == S.ACTIVE.value and current.remote_expires_at and current.remote_expires_at > now + margin:
+            live = current.remote_expires_at is not None and current.remote_expires_at > now + margin
+            if current.state == S.ACTIVE and live:
                 current.last_needed_at = now
                 continue
-            if current.state == S.ACTIVE.value:
+            if current.state == S.ACTIVE:
                 lifecycle.advance(session, current.id, expected=S.ACTIVE, to=S.EXPIRED, now=now,
                                   reason=f"expires within the margin; uploading again for prompt {job.prompt.id}")
             waiting.append(f"recording {current.id} ({current.state})")
         fresh = [session.get(Recording, r.id) for r in job.recordings]
+        session.expunge_all()
     if waiting:
         ctx.wake("upload")
         raise NotReady("waiting for " + ", ".join(waiting) + " to be uploaded")
     return [r for r in fresh if r is not None]
 
 
-def _generate(ctx: Context, job: Job, parts: list[FilePart | InlinePart | str], runner: PromptRunner,
-              *, text: str | None = None, wait_for_slot: bool = False) -> Generation:
+def _generate(ctx: Context, job: Job, parts: list[FilePart | InlinePart | str], limiter: RateLimiter,
+              *, text: str | None = None) -> Generation:
     prompt = job.prompt
-    wait = runner.take_request_slot(prompt.model)
-    while wait and wait_for_slot:
-        # Inside a chunked transcript: keep the chunks already answered and wait for the next request slot.
-        time.sleep(min(wait, 5.0))
-        wait = runner.take_request_slot(prompt.model)
+    wait = limiter.take(prompt.model)
     if wait:
-        raise NotReady(f"rate limit: at most {ctx.settings.prompts.requests_per_minute} requests a minute to "
-                       f"{prompt.model}; next in {wait:.0f} s")
+        raise RateLimited(f"rate limit: at most {ctx.settings.prompts.requests_per_minute} requests a minute to "
+                          f"{prompt.model}; next in {wait:.0f} s", ctx.now() + timedelta(seconds=wait))
     assert ctx.client is not None
     generation = ctx.client.generate(prompt.model, [*parts, text or prompt.prompt_text],
                                      system_instruction=prompt.system_instruction,
                                      max_output_tokens=_budget(ctx, prompt),
-                                     thinking_budget=_thinking_budget(ctx))
+                                     thinking_budget=_thinking_budget(ctx),
+                                     timeout_seconds=ctx.settings.prompts.generate_timeout_seconds)
     ctx.waiting.clear_network_problems()
     _record_usage(ctx, prompt, generation)
     if generation.finish_reason != "STOP":
@@ -491,100 +512,126 @@ def _piece(ctx: Context, job: Job, recording: Recording, start: float, end: floa
     return InlinePart(data, fmt.mime_type)
 
 
-def _answer_span(ctx: Context, job: Job, recording: Recording, runner: PromptRunner) -> tuple[str, dict[str, Any]]:
+def _answer_span(ctx: Context, job: Job, recording: Recording, limiter: RateLimiter) -> tuple[str, dict[str, Any]]:
     prompt = job.prompt
     start = prompt.span_start_seconds or 0.0
     end = min(prompt.span_end_seconds if prompt.span_end_seconds is not None else math.inf,
               recording.duration_seconds or start)
-    generation = _generate(ctx, job, [_piece(ctx, job, recording, start, end, 0)], runner)
+    generation = _generate(ctx, job, [_piece(ctx, job, recording, start, end, 0)], limiter)
     mapped = chunking.offset_timestamps(generation.text, start, recording.duration_seconds or end,
                                         span_seconds=end - start)
     return mapped.text, _meta(generation, delivery="span", fixes=mapped.fixes)
 
 
-def _chunk_cache(ctx: Context, job: Job, chunk: chunking.Chunk) -> Path:
-    return ctx.settings.state_dir / "pieces" / f"prompt{job.prompt.id}-{chunk.start:.3f}-{chunk.end:.3f}.json"
+TOTALS = ("prompt_tokens", "audio_tokens", "output_tokens", "thinking_tokens")
 
 
 def _answer_chunked(ctx: Context, job: Job, recording: Recording, chunk_seconds: float,
-                    runner: PromptRunner) -> tuple[str, dict[str, Any]]:
-    """Each chunk's answer is kept on disk as soon as it arrives, so a retry (after a 429, a crash, a cut-off
-    chunk) sends only the chunks not yet answered, and bills their audio once."""
+                    limiter: RateLimiter) -> tuple[str, dict[str, Any]]:
+    """Each chunk's answer is kept in the database as soon as it arrives, so a retry (after a 429, a crash, a
+    cut-off chunk) sends only the chunks not yet answered, and bills their audio once."""
     duration = recording.duration_seconds or 0.0
     plan = chunking.plan_chunks(duration, chunk_seconds=chunk_seconds,
                                 overlap_seconds=ctx.settings.prompts.chunk_overlap_seconds)
+    with session_scope(ctx.sessions) as session:
+        kept = {(part.start_seconds, part.end_seconds): part for part in session.scalars(
+            select(PromptPart).where(PromptPart.prompt_id == job.prompt.id))}
+        session.expunge_all()
     pieces: list[tuple[chunking.Chunk, str]] = []
-    totals = {"prompt_tokens": 0, "audio_tokens": 0, "output_tokens": 0, "thinking_tokens": 0}
+    totals = dict.fromkeys(TOTALS, 0)
     model_version = None
     for chunk in plan:
-        cache = _chunk_cache(ctx, job, chunk)
-        if cache.exists():
-            kept = json.loads(cache.read_text(encoding="utf-8"))
-        else:
-            part = _piece(ctx, job, recording, chunk.start, chunk.end, chunk.index)
+        part = kept.get((chunk.start, chunk.end))
+        if part is None:
+            audio = _piece(ctx, job, recording, chunk.start, chunk.end, chunk.index)
             note = (f"{job.prompt.prompt_text}\n(This is part {chunk.index + 1} of {len(plan)}: timestamps start "
                     "at 00:00:00 at the beginning of this part.)")
-            generation = _generate(ctx, job, [part], runner, text=note, wait_for_slot=True)
-            kept = {"text": generation.text, "model_version": generation.model_version,
-                    **{key: getattr(generation, key) or 0 for key in totals}}
-            temporary = cache.with_suffix(".partial")
-            temporary.write_text(json.dumps(kept), encoding="utf-8")
-            os.replace(temporary, cache)
-        pieces.append((chunk, kept["text"]))
-        model_version = kept["model_version"]
-        for key in totals:
-            totals[key] += kept.get(key, 0)
+            generation = _generate(ctx, job, [audio], limiter, text=note)
+            part = _keep_part(ctx, job, chunk, generation)
+        pieces.append((chunk, part.text))
+        model_version = part.model_version
+        for key in TOTALS:
+            totals[key] += getattr(part, key) or 0
     stitched = chunking.stitch(pieces, duration)
     final = Generation(text=stitched.text, finish_reason="STOP", model_version=model_version, **totals)
     return stitched.text, _meta(final, delivery="chunks", chunks=len(plan), fixes=stitched.fixes)
 
 
-def _forget_chunks(ctx: Context, prompt: Prompt) -> None:
-    for cache in (ctx.settings.state_dir / "pieces").glob(f"prompt{prompt.id}-*.json"):
-        cache.unlink(missing_ok=True)
+def _keep_part(ctx: Context, job: Job, chunk: chunking.Chunk, generation: Generation) -> PromptPart:
+    part = PromptPart(prompt_id=job.prompt.id, start_seconds=chunk.start, end_seconds=chunk.end,
+                      text=generation.text, model_version=generation.model_version, created_at=ctx.now(),
+                      **{key: getattr(generation, key) or 0 for key in TOTALS})
+    try:
+        with session_scope(ctx.sessions) as session:
+            session.add(part)
+            session.flush()
+            session.expunge(part)
+    except IntegrityError:
+        pass  # an earlier run of this prompt kept the same chunk a moment ago; the text is the one in hand
+    return part
 
 
-def _requeue(ctx: Context, prompt: Prompt, waiting_for: str, when: datetime, **changes: Any) -> None:
+def _requeue(ctx: Context, job: Job, waiting_for: str, when: datetime | None, **changes: Any) -> None:
     with session_scope(ctx.sessions) as session:
-        _move(session, prompt.id, P.RUNNING, P.QUEUED, waiting_for=waiting_for, next_attempt_at=when,
-              claimed_until=None, **changes)
+        prompt_lifecycle.advance(session, job.prompt.id, expected=P.RUNNING, to=P.QUEUED, now=ctx.now(),
+                                 token=job.token, release=True, reason=waiting_for, waiting_for=waiting_for,
+                                 next_attempt_at=when, **{"wait_kind": None, **changes})
+    if when is not None:
+        ctx.wake("prompt", at=when)
 
 
-def _fail(ctx: Context, prompt: Prompt, error: str) -> None:
-    _forget_chunks(ctx, prompt)
+def _fail(ctx: Context, job: Job, error: str) -> None:
     with session_scope(ctx.sessions) as session:
-        _move(session, prompt.id, P.RUNNING, P.FAILED, error=error, waiting_for=None, finished_at=ctx.now(),
-              claimed_until=None)
-    log.warning("prompt %d failed: %s", prompt.id, error)
+        if prompt_lifecycle.advance(session, job.prompt.id, expected=P.RUNNING, to=P.FAILED, now=ctx.now(),
+                                    token=job.token, release=True, reason=error, error=error, waiting_for=None,
+                                    finished_at=ctx.now()):
+            session.execute(delete(PromptPart).where(PromptPart.prompt_id == job.prompt.id))
+    log.warning("prompt %d failed: %s", job.prompt.id, error)
 
 
 def _handle_error(ctx: Context, job: Job, err: BaseException) -> None:
     prompt, now = job.prompt, ctx.now()
     if isinstance(err, Truncated):
         return _retry_bigger(ctx, job, err.reason)
+    if isinstance(err, GenerationTimeout):
+        return _timed_out(ctx, job, err)
     attempts = prompt.attempts + 1
     decision = policy.decide(err, attempts=attempts, now=now)
     if decision.action is Action.REUPLOAD:
         _mark_gone(ctx, job, str(err))
-        return _requeue(ctx, prompt, "a file had expired on the server; uploading it again", now)
+        return _requeue(ctx, job, "a file had expired on the server; uploading it again", None, wait_kind="files")
     if decision.action is Action.REENCODE:
         _reencode(ctx, job, decision.error)
-        return _requeue(ctx, prompt, "the API refused the audio format; converting to the fallback format",
-                        now + timedelta(seconds=WAIT_RECHECK_SECONDS))
+        return _requeue(ctx, job, "the API refused the audio format; converting to the fallback format", None,
+                        wait_kind="files")
     if decision.action in (Action.WAIT_OFFLINE, Action.WAIT_AUTH, Action.MAKE_ROOM):
         ctx.waiting.note(decision, now)
-        return _requeue(ctx, prompt, decision.error, decision.retry_at or now)
+        return _requeue(ctx, job, decision.error, decision.retry_at or now)
     if decision.action is Action.RETRY_LATER:
         internal_errors = prompt.internal_errors + 1 if isinstance(err, TransientError) and err.status == 500 else 0
         fallback = ctx.settings.prompts.fallback_model
         if internal_errors >= ctx.settings.prompts.fallback_after and fallback and fallback != prompt.model:
             reason = f"{prompt.model} answered 500 INTERNAL {internal_errors} times in a row"
             log.warning("prompt %d: %s; sending it to %s instead", prompt.id, reason, fallback)
-            return _requeue(ctx, prompt, f"{reason}; trying {fallback}", now, model=fallback, attempts=0,
+            return _requeue(ctx, job, f"{reason}; trying {fallback}", now, model=fallback, attempts=0,
                             requested_model=prompt.requested_model or prompt.model, internal_errors=0)
-        return _requeue(ctx, prompt, f"{decision.error}; retrying", decision.retry_at or now, attempts=attempts,
+        return _requeue(ctx, job, f"{decision.error}; retrying", decision.retry_at or now, attempts=attempts,
                         internal_errors=internal_errors)
-    _fail(ctx, prompt, decision.error)
+    _fail(ctx, job, decision.error)
+
+
+def _timed_out(ctx: Context, job: Job, err: GenerationTimeout) -> None:
+    """A generation that ran out of time may still have been answered (and billed): it is tried again only a
+    bounded number of times, with a pause, never blindly over and over."""
+    timeouts = job.prompt.timeouts + 1
+    limit = ctx.settings.prompts.generate_timeout_seconds
+    if timeouts >= MAX_GENERATION_TIMEOUTS:
+        return _fail(ctx, job, f"the model did not answer within {limit:g} s, {timeouts} times (each attempt may "
+                               "be billed); raise prompts.generate_timeout_seconds, or ask over a shorter "
+                               "--from/--to span, then `audiodrop retry --prompt ID`")
+    when = policy.backoff(ctx.now(), timeouts + 1)
+    _requeue(ctx, job, f"{err.title}; trying once more at {when.isoformat(timespec='seconds')}", when,
+             timeouts=timeouts)
 
 
 def _retry_bigger(ctx: Context, job: Job, reason: str) -> None:
@@ -595,7 +642,7 @@ def _retry_bigger(ctx: Context, job: Job, reason: str) -> None:
     if budget < limits.max_output_tokens_limit:
         bigger = min(budget * 2, limits.max_output_tokens_limit)
         log.info("prompt %d: %s; retrying with %d output tokens", prompt.id, reason, bigger)
-        return _requeue(ctx, prompt, f"{reason}; retrying with {bigger} output tokens", ctx.now(),
+        return _requeue(ctx, job, f"{reason}; retrying with {bigger} output tokens", ctx.now(),
                         max_output_tokens=bigger)
     chunk = prompt.chunk_seconds or limits.chunk_seconds
     duration = sum(r.duration_seconds or 0 for r in job.recordings)
@@ -603,9 +650,9 @@ def _retry_bigger(ctx: Context, job: Job, reason: str) -> None:
             and duration > MIN_CHUNK_SECONDS:
         smaller = min(chunk, duration) / 2
         log.info("prompt %d: %s; splitting into %.0f s pieces", prompt.id, reason, smaller)
-        return _requeue(ctx, prompt, f"{reason}; splitting into {smaller / 60:.0f}-minute pieces", ctx.now(),
+        return _requeue(ctx, job, f"{reason}; splitting into {smaller / 60:.0f}-minute pieces", ctx.now(),
                         chunk_seconds=smaller)
-    _fail(ctx, prompt, f"{reason}, even with {budget} output tokens; ask over a shorter --from/--to span")
+    _fail(ctx, job, f"{reason}, even with {budget} output tokens; ask over a shorter --from/--to span")
 
 
 def _mark_gone(ctx: Context, job: Job, message: str) -> None:
@@ -615,7 +662,7 @@ def _mark_gone(ctx: Context, job: Job, message: str) -> None:
     with session_scope(ctx.sessions) as session:
         for recording in job.recordings:
             current = session.get(Recording, recording.id)
-            if current is None or current.state != S.ACTIVE.value:
+            if current is None or current.state != S.ACTIVE:
                 continue
             if named and (current.remote_name or "").removeprefix("files/") not in named:
                 continue
@@ -625,54 +672,128 @@ def _mark_gone(ctx: Context, job: Job, message: str) -> None:
 
 
 def _reencode(ctx: Context, job: Job, reason: str) -> None:
-    """The API refused the format: each recording is deleted remotely and converted again in the fallback."""
+    """The API refused the format: each recording's remote copy is queued for deletion and the recording is
+    converted again in the fallback format (no network call here)."""
     fallback = ctx.settings.conversion.fallback_format
     now = ctx.now()
     with session_scope(ctx.sessions) as session:
         for recording in job.recordings:
             current = session.get(Recording, recording.id)
-            if current is None or current.converted_format == fallback:
+            if current is None or current.converted_format == fallback or current.state not in (S.ACTIVE, S.EXPIRED):
                 continue
-            if current.state == S.ACTIVE.value:
-                if ctx.client is not None and current.remote_name:
-                    try:
-                        ctx.client.delete(current.remote_name)
-                    except Exception:  # it expires by itself within 48 hours
-                        pass
-                lifecycle.advance(session, current.id, expected=S.ACTIVE, to=S.EXPIRED, now=now, reason=reason)
-            if current.state in (S.ACTIVE.value, S.EXPIRED.value):
-                lifecycle.advance(session, current.id, expected=S.EXPIRED, to=S.DISCOVERED, now=now,
-                                  reason=f"converting again to {fallback}", target_format=fallback,
-                                  closed_after_write=True)
+            if current.state == S.ACTIVE:
+                remote.queue_deletion(session, current, reason="the API refused its format", now=now)
+            lifecycle.advance(session, current.id, expected=current.state, to=S.DISCOVERED, now=now,
+                              reason=f"{reason}; converting again to {fallback}", target_format=fallback,
+                              closed_after_write=True, last_change_at=now)
+    ctx.wake("convert", "delete")
 
 
-def _store_result(ctx: Context, job: Job, text: str, meta: dict[str, Any]) -> None:
-    """The result goes to results_dir as files (atomically) and into the database; then the prompt is done."""
+# -- the answer, then its files -------------------------------------------------------------------------------
+
+def _metadata(job: Job, meta: dict[str, Any], now: datetime) -> dict[str, Any]:
     prompt = job.prompt
-    now = ctx.now()
-    names = [Path(r.source_path).name for r in job.recordings]
-    metadata = {
-        "prompt_id": prompt.id, "recordings": names, "recording_ids": [r.id for r in job.recordings],
-        "template": prompt.template, "prompt": prompt.prompt_text, "model": prompt.model,
-        "created_at": prompt.created_at, "finished_at": now,
+    metadata: dict[str, Any] = {
+        "prompt_id": prompt.id, "recordings": [Path(r.source_path).name for r in job.recordings],
+        "recording_ids": [r.id for r in job.recordings], "template": prompt.template, "prompt": prompt.prompt_text,
+        "model": prompt.model, "created_at": results.iso(prompt.created_at), "finished_at": results.iso(now),
         "span_start_seconds": prompt.span_start_seconds, "span_end_seconds": prompt.span_end_seconds, **meta,
     }
     if prompt.requested_model:
         metadata["requested_model"] = prompt.requested_model
         metadata["warnings"] = [*metadata.get("warnings", []), f"answered by {prompt.model}: "
                                 f"{prompt.requested_model} kept failing with 500 INTERNAL"]
-    text_path, meta_path = results.result_paths(ctx.settings.results_dir, recording_names=names,
-                                                template=prompt.template or "prompt", prompt_id=prompt.id,
-                                                output_format=prompt.output_format)
-    body = results.render_markdown(" + ".join(names), text, metadata) if prompt.output_format == "markdown" else text
-    results.write_result(text_path, meta_path, body, metadata)
+    return metadata
+
+
+def store_answer(ctx: Context, job: Job, text: str, meta: dict[str, Any]) -> bool:
+    """The answer goes into the database at once, and the prompt is done: from here on nothing asks the model
+    again. False if the claim was lost meanwhile (another run owns the prompt now)."""
+    now = ctx.now()
     with session_scope(ctx.sessions) as session:
-        _move(session, prompt.id, P.RUNNING, P.DONE, result_text=text, result_path=str(text_path),
-              finish_reason=meta["finish_reason"], prompt_tokens=meta["prompt_tokens"],
-              audio_tokens=meta["audio_tokens"], output_tokens=meta["output_tokens"],
-              thinking_tokens=meta["thinking_tokens"], delivery=meta["delivery"],
-              chunks=meta["chunks"], model_version=meta["model_version"], error=None, waiting_for=None,
-              finished_at=now, claimed_until=None)
-    _forget_chunks(ctx, prompt)
-    log.info("prompt %d done (%s, %s output tokens): %s", prompt.id, meta["delivery"], meta["output_tokens"],
-             text_path)
+        stored = prompt_lifecycle.advance(
+            session, job.prompt.id, expected=P.RUNNING, to=P.DONE, now=now, token=job.token, release=True,
+            reason=f"answered ({meta['delivery']}, {meta['output_tokens']} output tokens)", result_text=text,
+            result_meta=json.dumps(_metadata(job, meta, now)), finish_reason=meta["finish_reason"],
+            prompt_tokens=meta["prompt_tokens"], audio_tokens=meta["audio_tokens"],
+            output_tokens=meta["output_tokens"], thinking_tokens=meta["thinking_tokens"], delivery=meta["delivery"],
+            chunks=meta["chunks"], model_version=meta["model_version"], error=None, waiting_for=None,
+            wait_kind=None, finished_at=now)
+        if stored:
+            session.execute(delete(PromptPart).where(PromptPart.prompt_id == job.prompt.id))
+    if not stored:
+        log.warning("prompt %d: answered, but the claim was taken over meanwhile; this answer is not kept",
+                    job.prompt.id)
+    return stored
+
+
+def write_result_files(ctx: Context, prompt_id: int) -> bool:
+    """Write a done prompt's result and metadata files (atomically). A failure (a full disk, permissions, a
+    results_dir the service may not write) is recorded on the prompt and retried later; the answer is safe."""
+    with session_scope(ctx.sessions) as session:
+        prompt = session.get(Prompt, prompt_id)
+        if prompt is None or prompt.state != P.DONE or prompt.result_text is None:
+            return True
+        text, output_format = prompt.result_text, prompt.output_format
+        metadata = json.loads(prompt.result_meta or "{}") or {"prompt_id": prompt_id}
+        template = prompt.template
+    try:
+        text_path, meta_path = results.result_paths(ctx.settings.results_dir, recording_names=metadata.get(
+            "recordings", []), template=template or "prompt", prompt_id=prompt_id, output_format=output_format)
+        body = results.render_markdown(" + ".join(metadata.get("recordings", [])), text, metadata) \
+            if output_format == "markdown" else text
+        results.write_result(text_path, meta_path, body, metadata)
+    except OSError as err:
+        problem = f"the result file could not be written ({err.strerror or err}: {err.filename or ''}); " \
+                  "the answer is kept and the write is retried"
+        when = ctx.now() + timedelta(seconds=RESULT_FILES_RETRY_SECONDS)
+        with session_scope(ctx.sessions) as session:
+            session.execute(update(Prompt).where(Prompt.id == prompt_id)
+                            .values(file_error=problem, next_attempt_at=when, claimed_by=None, claimed_until=None)
+                            .execution_options(synchronize_session=False))
+        log.warning("prompt %d: %s", prompt_id, problem)
+        ctx.wake("files", at=when)
+        return False
+    with session_scope(ctx.sessions) as session:
+        session.execute(update(Prompt).where(Prompt.id == prompt_id)
+                        .values(result_path=str(text_path), file_error=None, next_attempt_at=None, claimed_by=None,
+                                claimed_until=None)
+                        .execution_options(synchronize_session=False))
+    log.info("prompt %d done: %s", prompt_id, text_path)
+    return True
+
+
+class ResultFilesKind:
+    """Engine work: write the files of answers stored in the database whose files are not written yet (a full
+    disk, a results_dir the service may not write, a stop in between), again every little while."""
+
+    name = "files"
+
+    def __init__(self, ctx: Context, lease: Any) -> None:
+        self.ctx = ctx
+        self.lease = lease
+
+    def workers(self) -> int:
+        return 1
+
+    def _pending(self, now: datetime) -> Any:
+        return (Prompt.state == P.DONE) & Prompt.result_path.is_(None) & Prompt.result_text.is_not(None)
+
+    def claim(self, session: Session, now: datetime, limit: int) -> list[Claim]:
+        due = session.execute(select(Prompt.id, Prompt.claim_token).where(
+            self._pending(now), or_(Prompt.next_attempt_at.is_(None), Prompt.next_attempt_at <= now),
+            or_(Prompt.claimed_until.is_(None), Prompt.claimed_until < now)).limit(limit)).all()
+        claims = []
+        for prompt_id, token in due:
+            taken = session.execute(update(Prompt).where(Prompt.id == prompt_id, Prompt.claim_token == token)
+                                    .values(claimed_by=self.ctx.holder, claimed_until=self.lease(now),
+                                            claim_token=token + 1).execution_options(synchronize_session=False))
+            if taken.rowcount:
+                claims.append(Claim(self.name, Prompt, prompt_id, token + 1))
+        return claims
+
+    def next_due(self, session: Session, now: datetime) -> datetime | None:
+        return session.scalar(select(func.min(Prompt.next_attempt_at)).where(self._pending(now)))
+
+    def run(self, claim: Claim) -> None:
+        write_result_files(self.ctx, claim.key)

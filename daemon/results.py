@@ -171,6 +171,11 @@ def _atomic_write(path: Path, data: bytes) -> None:
         os.close(folder)
 
 
+def iso(value: datetime | None) -> str | None:
+    """A time as ISO 8601 UTC with a Z ("2026-11-30T12:00:00.123456Z"), as result metadata stores it."""
+    return _json_value(value) if value is not None else None
+
+
 def _json_value(value: Any) -> Any:
     """JSON for what metadata holds beyond plain types: times as ISO 8601 UTC ("...Z"), paths as strings."""
     if isinstance(value, datetime):

@@ -19,8 +19,6 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-import ffmpeg as ffmpeg_python
-
 from daemon.errors import RejectedInput, TranscodeError, TransientError
 
 
@@ -100,6 +98,8 @@ def probe_args(source: Path, ffprobe: str = "ffprobe") -> tuple[str, ...]:
 def convert_args(source: Path, output: Path, fmt: OutputFormat, *, ffmpeg: str = "ffmpeg",
                  start: float | None = None, length: float | None = None) -> tuple[str, ...]:
     """First audio stream only, no metadata, mono; `-progress pipe:1` reports the decoded duration on stdout."""
+    import ffmpeg as ffmpeg_python  # here, not at the top: an idle daemon need not hold it in memory
+
     span = {} if start is None else {"ss": f"{start:.6f}", "t": f"{length:.6f}"}  # input options: exact seek
     stream = ffmpeg_python.input(media_url(source), **span).output(
         media_url(output), map="0:a:0", vn=None, sn=None, dn=None, map_metadata=-1, ac=1, format=fmt.muxer,
@@ -211,19 +211,37 @@ def _die_with_parent() -> None:
     _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def _run(argv: tuple[str, ...], *, timeout: float, source: Path) -> tuple[int, str, str]:
-    """Run one ffmpeg/ffprobe; kill it when the time limit passes. Returns (exit status, stdout, stderr)."""
+# Never handed to ffmpeg or ffprobe: they need no credentials.
+SECRET_VARIABLES = frozenset({"GEMINI_API_KEY", "GOOGLE_API_KEY", "CREDENTIALS_DIRECTORY", "AUDIODROP_DATABASE_URL"})
+FD_FOLDER = "/proc/self/fd/"
+
+
+def opened(fd: int) -> Path:
+    """The path of an open file descriptor, for the tools: a file renamed or deleted while it is converted is
+    still read whole (the child inherits the descriptor under the same number)."""
+    return Path(f"{FD_FOLDER}{fd}")
+
+
+def child_environment() -> dict[str, str]:
+    return {key: value for key, value in os.environ.items() if key not in SECRET_VARIABLES}
+
+
+def _run(argv: tuple[str, ...], *, timeout: float, source: Path, label: str | None = None) -> tuple[int, str, str]:
+    """Run one ffmpeg/ffprobe without secrets in its environment; kill it when the time limit passes.
+    Returns (exit status, stdout, stderr)."""
     tool = os.path.basename(argv[0])
+    name = label or source.name
+    pass_fds = (int(source.name),) if str(source).startswith(FD_FOLDER) else ()
     try:
         process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                   preexec_fn=_die_with_parent)
+                                   preexec_fn=_die_with_parent, env=child_environment(), pass_fds=pass_fds)
     except OSError as error:
-        raise TransientError(f"{source.name}: cannot run {argv[0]!r} ({error.strerror})",
+        raise TransientError(f"{name}: cannot run {argv[0]!r} ({error.strerror})",
                              "Install ffmpeg (apt-get install ffmpeg) or correct the configured path.") from error
     try:
         out, err = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        raise TransientError(f"{source.name}: {tool} did not finish within {timeout:g} s",
+        raise TransientError(f"{name}: {tool} did not finish within {timeout:g} s",
                              "It is retried later; if it keeps timing out the machine is overloaded "
                              "or the file is unusually long.") from None
     finally:
@@ -233,28 +251,31 @@ def _run(argv: tuple[str, ...], *, timeout: float, source: Path) -> tuple[int, s
     return process.returncode, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
 
 
-def probe(source: Path, *, ffprobe: str = "ffprobe", timeout: float = 60) -> ProbeResult:
+def probe(source: Path, *, ffprobe: str = "ffprobe", timeout: float = 60, label: str | None = None) -> ProbeResult:
+    """`label`: the name to use in messages (when `source` is an open descriptor's path)."""
     source = Path(os.path.abspath(source))
+    name = label or source.name
     if source.stat().st_size == 0:  # FileNotFoundError propagates: a vanished file is not a bad one
-        raise RejectedInput(f"{source.name}: the file is empty (0 bytes)",
+        raise RejectedInput(f"{name}: the file is empty (0 bytes)",
                             "Nothing was recorded or the copy failed; drop the file again.")
-    returncode, out, err = _run(probe_args(source, ffprobe), timeout=timeout, source=source)
+    returncode, out, err = _run(probe_args(source, ffprobe), timeout=timeout, source=source, label=name)
     if returncode != 0:
         _still_there(source)
         reason = main_reason(err, media_url(source))
-        raise RejectedInput(f"{source.name}: not a readable audio file (ffprobe: {reason})",
+        raise RejectedInput(f"{name}: not a readable audio file (ffprobe: {reason})",
                             "It may be incomplete (still copying, or the recorder stopped abruptly) or not audio; "
                             "re-copy or re-export it, then retry it.")
-    return parse_probe(json.loads(out), source.name)
+    return parse_probe(json.loads(out), name)
 
 
 def convert(source: Path, destination: Path, fmt: OutputFormat, *, probe_result: ProbeResult | None = None,
-            ffmpeg: str = "ffmpeg", ffprobe: str = "ffprobe", timeout: float | None = None) -> Conversion:
+            ffmpeg: str = "ffmpeg", ffprobe: str = "ffprobe", timeout: float | None = None,
+            label: str | None = None) -> Conversion:
     """Convert the whole recording; `destination` appears only once the output has been checked."""
-    info = probe_result or probe(source, ffprobe=ffprobe)
+    info = probe_result or probe(source, ffprobe=ffprobe, label=label)
     limit = timeout if timeout is not None else conversion_timeout(info.duration_seconds)
     return _produce(source, destination, fmt, info.duration_seconds, info.duration_is_estimate,
-                    ffmpeg=ffmpeg, timeout=limit)
+                    ffmpeg=ffmpeg, timeout=limit, label=label)
 
 
 def cut(source: Path, destination: Path, fmt: OutputFormat, start: float, end: float, *,
@@ -272,17 +293,18 @@ def cut(source: Path, destination: Path, fmt: OutputFormat, start: float, end: f
 
 
 def _produce(source: Path, destination: Path, fmt: OutputFormat, expected: float | None, is_estimate: bool, *,
-             ffmpeg: str, timeout: float, start: float | None = None, length: float | None = None) -> Conversion:
+             ffmpeg: str, timeout: float, start: float | None = None, length: float | None = None,
+             label: str | None = None) -> Conversion:
     source, destination = Path(os.path.abspath(source)), Path(os.path.abspath(destination))
     temp = _temp_path(destination)
     try:
         argv = convert_args(source, temp, fmt, ffmpeg=ffmpeg, start=start, length=length)
-        returncode, out, err = _run(argv, timeout=timeout, source=source)
+        returncode, out, err = _run(argv, timeout=timeout, source=source, label=label)
         if returncode != 0:
             _still_there(source)
         urls = (media_url(source), media_url(temp))
         produced = (decoded_seconds(out) or 0.0) if temp.is_file() and temp.stat().st_size else 0.0
-        warning = assess(source.name, returncode, produced, expected, is_estimate, stderr_lines(err, *urls),
+        warning = assess(label or source.name, returncode, produced, expected, is_estimate, stderr_lines(err, *urls),
                          main_reason(err, *urls))
         size = _durable_replace(temp, destination)
     except BaseException:

@@ -33,25 +33,32 @@ NETWORK_FILESYSTEMS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "afs", "cep
 
 @dataclass(frozen=True)
 class Hint:
-    """Something may have happened at `path`: `closed` is a close-after-write, `rescan` a whole new folder."""
+    """Something may have happened at `path`: `closed` is a close-after-write, `rescan` a whole new folder,
+    `moved_from` the old name of a file renamed or moved to `path`, `created` a new name (written here, or moved
+    in from outside the drop folders)."""
 
     path: Path
     closed: bool = False
     rescan: bool = False
+    moved_from: Path | None = None
+    created: bool = False
 
 
 class _Handler(FileSystemEventHandler):
-    def __init__(self, hints: queue.Queue[Hint]) -> None:
+    def __init__(self, hints: queue.Queue[Hint | None]) -> None:
         self.hints = hints
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         if isinstance(event, FileClosedEvent):
             self.hints.put(Hint(Path(os.fsdecode(event.src_path)), closed=True))
-        elif isinstance(event, (FileCreatedEvent, FileModifiedEvent)):
+        elif isinstance(event, FileCreatedEvent):
+            self.hints.put(Hint(Path(os.fsdecode(event.src_path)), created=True))
+        elif isinstance(event, FileModifiedEvent):
             self.hints.put(Hint(Path(os.fsdecode(event.src_path))))
         elif isinstance(event, FileMovedEvent):
-            # A rename (x.part -> x.wav) or a move into the folder brings no close event: settle rules apply.
-            self.hints.put(Hint(Path(os.fsdecode(event.dest_path))))
+            # A rename (x.part -> x.wav) or a move within the drop folders: no close event; intake follows the
+            # recording, and takes a renamed file at once when no process holds it open.
+            self.hints.put(Hint(Path(os.fsdecode(event.dest_path)), moved_from=Path(os.fsdecode(event.src_path))))
         elif isinstance(event, DirMovedEvent):
             self.hints.put(Hint(Path(os.fsdecode(event.dest_path)), rescan=True))
         elif isinstance(event, DirCreatedEvent):
@@ -89,19 +96,26 @@ class Watcher:
     disappears (an unmounted share) is reported unavailable and watched again when it comes back, and an
     observer thread that dies is replaced."""
 
-    def __init__(self, settings: Settings, hints: queue.Queue[Hint]) -> None:
+    def __init__(self, settings: Settings, hints: queue.Queue[Hint | None]) -> None:
         self.settings = settings
         self.hints = hints
         self.handler = _Handler(hints)
         self.observers: dict[bool, BaseObserver] = {}
         self.handles: dict[Path, ObservedWatch] = {}
+        self.polled: dict[Path, bool] = {}  # how each folder is watched now: polling (True) or inotify
         self.unavailable: dict[Path, str] = {}
 
-    def start(self) -> None:
-        self.observers = {False: Observer(),
-                          True: PollingObserver(timeout=self.settings.intake.poll_interval_seconds)}
-        for observer in self.observers.values():
+    def _observer(self, poll: bool) -> BaseObserver:
+        """The observer of a kind, started on first use: an idle daemon with no network folder runs no poller."""
+        observer = self.observers.get(poll)
+        if observer is None:
+            observer = PollingObserver(timeout=self.settings.intake.poll_interval_seconds) if poll else Observer()
             observer.start()
+            self.observers[poll] = observer
+        return observer
+
+    def start(self) -> None:
+        self._observer(False)
         for watch in self.settings.watches:
             self._schedule(watch, announce=False)
 
@@ -118,24 +132,37 @@ class Watcher:
             return
         poll = should_poll(watch)
         try:
-            self.handles[path] = self.observers[poll].schedule(self.handler, str(path), recursive=watch.recursive)
+            self.handles[path] = self._observer(poll).schedule(self.handler, str(path), recursive=watch.recursive)
         except OSError as err:
             self.unavailable[path] = str(err)
             log.error("%s: cannot watch (%s). If this says 'inotify watch limit reached', raise it with "
                       "`sudo sysctl fs.inotify.max_user_watches=524288`; the folder is still scanned every %.0f s",
                       path, err, self.settings.intake.scan_interval_seconds)
             return
+        self.polled[path] = poll
         if self.unavailable.pop(path, None) is not None or announce:
             self.hints.put(Hint(path, rescan=True))
         log.info("watching %s (%s%s)", path, "polling" if poll else "inotify", ", recursive" if watch.recursive else "")
 
+    def _unschedule(self, path: Path) -> None:
+        handle = self.handles.pop(path, None)
+        if handle is None:
+            return
+        for observer in self.observers.values():
+            try:
+                observer.unschedule(handle)
+            except (KeyError, ValueError, OSError):
+                pass
+
     def check(self) -> dict[Path, str]:
-        """Re-watch folders that came back, drop ones that vanished, replace dead observers.
+        """Re-watch folders that came back, drop ones that vanished, replace dead observers, and switch a folder
+        to polling when a network share was mounted over it after it was first watched (inotify cannot see there).
         Returns the unavailable folders and why."""
-        if not all(observer.is_alive() for observer in self.observers.values()):
+        if not self.alive():
             log.error("a file-system observer stopped; starting new ones")
             self.stop()
             self.handles.clear()
+            self.observers.clear()
             self.start()
             for path in list(self.handles):
                 self.hints.put(Hint(path, rescan=True))
@@ -144,13 +171,13 @@ class Watcher:
             handle = self.handles.get(path)
             if handle is not None and not path.is_dir():
                 log.warning("%s: drop folder disappeared; watched again once it comes back", path)
-                for observer in self.observers.values():
-                    try:
-                        observer.unschedule(handle)
-                    except (KeyError, ValueError, OSError):
-                        pass
-                del self.handles[path]
+                self._unschedule(path)
                 self.unavailable[path] = "missing or not mounted"
+            elif handle is not None and should_poll(watch) != self.polled.get(path):
+                log.warning("%s: its filesystem changed (now %s); watching it by %s", path,
+                            filesystem_type(path) or "unknown", "polling" if should_poll(watch) else "inotify")
+                self._unschedule(path)
+                self._schedule(watch, announce=True)
             elif handle is None:
                 self._schedule(watch, announce=True)
         return dict(self.unavailable)

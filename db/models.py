@@ -1,13 +1,19 @@
-"""The tables. A recording's `state` is changed only by daemon.lifecycle; everything else here is plain data."""
+"""The tables. A recording's `state` is changed only by daemon.lifecycle and a prompt's only by
+daemon.prompt_lifecycle; everything else here is plain data.
+
+Work is claimed under a lease: `claimed_by` (the node and run holding it), `claimed_until` (renewed while the
+work runs) and `claim_token` (a fencing token, raised at every claim: a final write that names an older token
+writes nothing)."""
 
 from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import ForeignKey, Index, MetaData, String, Text
+from sqlalchemy import ForeignKey, Index, Integer, MetaData, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from db.types import UTCDateTime
+from db.states import PromptState, RecordingState
+from db.types import Int64, UTCDateTime, state_column
 
 # Named constraints so Alembic's batch mode can recreate SQLite tables deterministically.
 NAMING_CONVENTION = {
@@ -28,20 +34,25 @@ class Recording(Base):
 
     __tablename__ = "recordings"
 
-    id: Mapped[int] = mapped_column(primary_key=True)
-    state: Mapped[str] = mapped_column(String(16), index=True)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    state: Mapped[RecordingState] = mapped_column(state_column(RecordingState), index=True)
     source_path: Mapped[str] = mapped_column(Text)
-    source_size: Mapped[int]
-    source_mtime_ns: Mapped[int]
+    source_size: Mapped[int] = mapped_column(Int64)
+    source_mtime_ns: Mapped[int] = mapped_column(Int64)
+    # The file's identity on its filesystem, so a file moved while the daemon was down is followed.
+    source_dev: Mapped[int | None] = mapped_column(Int64)
+    source_ino: Mapped[int | None] = mapped_column(Int64)
     sha256: Mapped[str | None] = mapped_column(String(64), unique=True)
     watch_root: Mapped[str | None] = mapped_column(Text)
     # Settle detection: a close-after-write event seen since the last change, and when the file last changed.
     closed_after_write: Mapped[bool] = mapped_column(default=False)
     last_change_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # A discovered file that may be a longer version of this earlier recording (the same path grew).
+    supersedes_id: Mapped[int | None] = mapped_column(Integer)
 
     duration_seconds: Mapped[float | None]
     converted_path: Mapped[str | None] = mapped_column(Text)
-    converted_bytes: Mapped[int | None]
+    converted_bytes: Mapped[int | None] = mapped_column(Int64)
     converted_mime: Mapped[str | None] = mapped_column(String(64))
     converted_format: Mapped[str | None] = mapped_column(String(16))
     converted_sha256: Mapped[str | None] = mapped_column(String(64))
@@ -51,7 +62,7 @@ class Recording(Base):
 
     remote_name: Mapped[str | None] = mapped_column(String(64), index=True)
     remote_uri: Mapped[str | None] = mapped_column(Text)
-    remote_bytes: Mapped[int | None]
+    remote_bytes: Mapped[int | None] = mapped_column(Int64)
     remote_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     # Written before an upload starts, so a crash mid-upload can find (adopt or delete) what reached the server.
     upload_display_name: Mapped[str | None] = mapped_column(String(128))
@@ -60,7 +71,11 @@ class Recording(Base):
 
     error: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(default=0)
-    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Not before this time: a failed recording's retry, a PROCESSING file's next look.
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime, index=True)
+    claimed_by: Mapped[str | None] = mapped_column(String(128))
+    claimed_until: Mapped[datetime | None] = mapped_column(UTCDateTime, index=True)
+    claim_token: Mapped[int] = mapped_column(default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     state_changed_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
@@ -79,7 +94,7 @@ class RecordingEvent(Base):
 
     __tablename__ = "recording_events"
 
-    id: Mapped[int] = mapped_column(primary_key=True)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
     recording_id: Mapped[int] = mapped_column(ForeignKey("recordings.id", ondelete="CASCADE"), index=True)
     at: Mapped[datetime] = mapped_column(UTCDateTime)
     from_state: Mapped[str | None] = mapped_column(String(16))
@@ -94,11 +109,11 @@ class SourceAlias(Base):
 
     __tablename__ = "source_aliases"
 
-    id: Mapped[int] = mapped_column(primary_key=True)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
     recording_id: Mapped[int] = mapped_column(ForeignKey("recordings.id", ondelete="CASCADE"), index=True)
     path: Mapped[str] = mapped_column(Text)
-    size: Mapped[int]
-    mtime_ns: Mapped[int]
+    size: Mapped[int] = mapped_column(Int64)
+    mtime_ns: Mapped[int] = mapped_column(Int64)
     seen_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
     recording: Mapped[Recording] = relationship(back_populates="aliases")
@@ -111,8 +126,8 @@ class Prompt(Base):
 
     __tablename__ = "prompts"
 
-    id: Mapped[int] = mapped_column(primary_key=True)
-    state: Mapped[str] = mapped_column(String(16), index=True)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    state: Mapped[PromptState] = mapped_column(state_column(PromptState), index=True)
     template: Mapped[str | None] = mapped_column(String(64))
     prompt_text: Mapped[str] = mapped_column(Text)
     system_instruction: Mapped[str | None] = mapped_column(Text)
@@ -121,12 +136,17 @@ class Prompt(Base):
     requested_model: Mapped[str | None] = mapped_column(String(64))
     # 500 INTERNAL answers in a row from `model` (any other outcome resets it).
     internal_errors: Mapped[int] = mapped_column(default=0, server_default="0")
+    # Generation calls that ran out of prompts.generate_timeout_seconds (each one may have been billed).
+    timeouts: Mapped[int] = mapped_column(default=0, server_default="0")
     output_format: Mapped[str] = mapped_column(String(16), default="markdown")
     span_start_seconds: Mapped[float | None]
     span_end_seconds: Mapped[float | None]
     delivery: Mapped[str | None] = mapped_column(String(16))
     result_text: Mapped[str | None] = mapped_column(Text)
     result_path: Mapped[str | None] = mapped_column(Text)
+    # Why the result's files could not be written yet (the answer itself is safe in result_text).
+    file_error: Mapped[str | None] = mapped_column(Text)
+    result_meta: Mapped[str | None] = mapped_column(Text)  # JSON: what result files' metadata holds
     finish_reason: Mapped[str | None] = mapped_column(String(32))
     prompt_tokens: Mapped[int | None]
     audio_tokens: Mapped[int | None]
@@ -136,13 +156,17 @@ class Prompt(Base):
     error: Mapped[str | None] = mapped_column(Text)
     # What a queued prompt waits for (files being re-uploaded, a rate limit, the network); not an error.
     waiting_for: Mapped[str | None] = mapped_column(Text)
+    # "files" when it waits for its recordings to become usable: their progress wakes it, not a timer.
+    wait_kind: Mapped[str | None] = mapped_column(String(16))
     max_output_tokens: Mapped[int | None]
     chunk_seconds: Mapped[float | None]
     chunks: Mapped[int | None]
     model_version: Mapped[str | None] = mapped_column(String(64))
     attempts: Mapped[int] = mapped_column(default=0)
     next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    claimed_by: Mapped[str | None] = mapped_column(String(128))
     claimed_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    claim_token: Mapped[int] = mapped_column(default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
@@ -150,6 +174,42 @@ class Prompt(Base):
     recordings: Mapped[list[PromptRecording]] = relationship(
         order_by="PromptRecording.position", cascade="all, delete-orphan"
     )
+    events: Mapped[list[PromptEvent]] = relationship(order_by="PromptEvent.id", cascade="all, delete-orphan")
+
+
+class PromptEvent(Base):
+    """One state change (or notable happening) in a prompt's history; `audiodrop prompts --history` lists them."""
+
+    __tablename__ = "prompt_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id", ondelete="CASCADE"), index=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime)
+    from_state: Mapped[str | None] = mapped_column(String(16))
+    to_state: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str] = mapped_column(Text, default="")
+
+
+class PromptPart(Base):
+    """The answer for one piece of a chunked prompt, kept as soon as it arrives: a retry (after a 429, a crash,
+    a cut-off chunk) sends only the pieces not yet answered, so their audio is billed once."""
+
+    __tablename__ = "prompt_parts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id", ondelete="CASCADE"), index=True)
+    start_seconds: Mapped[float]
+    end_seconds: Mapped[float]
+    text: Mapped[str] = mapped_column(Text)
+    model_version: Mapped[str | None] = mapped_column(String(64))
+    prompt_tokens: Mapped[int] = mapped_column(default=0)
+    audio_tokens: Mapped[int] = mapped_column(default=0)
+    output_tokens: Mapped[int] = mapped_column(default=0)
+    thinking_tokens: Mapped[int] = mapped_column(default=0)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+    __table_args__ = (UniqueConstraint("prompt_id", "start_seconds", "end_seconds",
+                                       name="uq_prompt_parts_span"),)
 
 
 class TokenUsage(Base):
@@ -158,7 +218,7 @@ class TokenUsage(Base):
 
     __tablename__ = "token_usage"
 
-    id: Mapped[int] = mapped_column(primary_key=True)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
     at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
     prompt_id: Mapped[int | None] = mapped_column(ForeignKey("prompts.id", ondelete="SET NULL"))
     model: Mapped[str] = mapped_column(String(64))
@@ -175,8 +235,44 @@ class PromptRecording(Base):
     __tablename__ = "prompt_recordings"
 
     prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id", ondelete="CASCADE"), primary_key=True)
-    recording_id: Mapped[int] = mapped_column(ForeignKey("recordings.id", ondelete="CASCADE"), primary_key=True)
+    recording_id: Mapped[int] = mapped_column(ForeignKey("recordings.id", ondelete="CASCADE"), primary_key=True,
+                                              index=True)
     position: Mapped[int] = mapped_column(default=0)
+
+
+class RemoteDeletion(Base):
+    """A remote copy of ours that must go (evicted for quota, re-encoded, superseded, an orphan): deleted by a
+    worker outside any transaction, retried until the server confirms; its bytes count in the ledger until then."""
+
+    __tablename__ = "remote_deletions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    remote_name: Mapped[str] = mapped_column(String(64), unique=True)
+    remote_bytes: Mapped[int] = mapped_column(Int64, default=0)
+    recording_id: Mapped[int | None] = mapped_column(Integer)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    attempts: Mapped[int] = mapped_column(default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    claimed_by: Mapped[str | None] = mapped_column(String(128))
+    claimed_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    claim_token: Mapped[int] = mapped_column(default=0, server_default="0")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class PeriodicJob(Base):
+    """A periodic job (reconcile, the catch-up scan, ...) claimed under a lease like any other work, so that of
+    several daemons sharing one database only one runs it at a time."""
+
+    __tablename__ = "periodic_jobs"
+
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    next_run_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    claimed_by: Mapped[str | None] = mapped_column(String(128))
+    claimed_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    claim_token: Mapped[int] = mapped_column(default=0, server_default="0")
 
 
 class DaemonState(Base):
@@ -184,7 +280,7 @@ class DaemonState(Base):
 
     __tablename__ = "daemon_state"
 
-    id: Mapped[int] = mapped_column(primary_key=True)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
     pid: Mapped[int | None]
     hostname: Mapped[str | None] = mapped_column(String(255))
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
@@ -192,12 +288,12 @@ class DaemonState(Base):
     stopped_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     waiting_for: Mapped[str | None] = mapped_column(Text)
     offline_since: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    remote_used_bytes: Mapped[int | None]
+    remote_used_bytes: Mapped[int | None] = mapped_column(Int64)
     # Identifies this installation in remote display names, so files of another audiodrop sharing the
     # project are never adopted or deleted.
     instance_id: Mapped[str | None] = mapped_column(String(16))
     # Bytes of files in the project that are not ours (other tools), from the last reconciliation.
-    foreign_bytes: Mapped[int | None]
+    foreign_bytes: Mapped[int | None] = mapped_column(Int64)
     reconciled_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     # Drop folders that are missing or unmounted right now, one "path: reason" per line.
     unavailable_folders: Mapped[str | None] = mapped_column(Text)

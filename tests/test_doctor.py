@@ -234,7 +234,7 @@ def test_corrupt_database_fails(setup: Callable[..., Settings]) -> None:
         leftover.unlink()
     settings.database_path.write_bytes(b"this is not SQLite at all" * 100)
     database = by_name(doctor.run_checks(settings, api=False))["database"]
-    assert database.status == "fail" and "cannot be read" in database.detail and database.hint
+    assert database.status == "fail" and "is damaged" in database.detail and database.hint
 
 
 def test_inotify_limit_below_the_folder_count_gives_the_sysctl(setup: Callable[..., Settings], tmp_path: Path,

@@ -124,3 +124,52 @@ def test_open_for_writing_sees_a_writer_holding_the_file(tmp_path: Path) -> None
         writer.kill()
         writer.wait()
     assert not intake.open_for_writing(path)
+
+
+def test_a_folder_replaced_by_a_symlink_out_of_the_drop_folder_is_not_followed(
+        tmp_path: Path, settings: Settings, sessions: sessionmaker[Session]) -> None:
+    inbox, outside = tmp_path / "inbox", tmp_path / "elsewhere"
+    (inbox / "sub").mkdir(parents=True)
+    outside.mkdir()
+    (outside / "private.wav").write_bytes(b"audio the daemon may read but must not upload")
+    (inbox / "sub").rmdir()
+    (inbox / "sub").symlink_to(outside, target_is_directory=True)
+
+    assert intake.scan_folder(inbox / "sub", settings) == [], "the rescan a new folder triggers"
+    assert intake.candidate(inbox / "sub" / "private.wav", settings) is None, "an event for a file in it"
+    assert intake.scan_and_observe(sessions, settings, now=T0) == 0
+    with sessions() as session:
+        assert session.scalars(select(Recording)).all() == []
+
+
+def test_one_name_that_is_not_utf8_fails_alone_and_the_rest_is_taken(
+        tmp_path: Path, settings: Settings, sessions: sessionmaker[Session]) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    (inbox / "good.wav").write_bytes(b"fine")
+    bad = Path(os.fsdecode(os.fsencode(inbox) + b"/caf\xe9.wav"))
+    bad.write_bytes(b"latin-1 named")
+    for path in (bad, inbox / "good.wav"):
+        intake.take(sessions, path, settings, now=T0, closed=True)
+    intake.scan_and_observe(sessions, settings, now=T0)
+    with sessions() as session:
+        rows = {row.source_path: row for row in session.scalars(select(Recording))}
+    assert set(rows) == {str(inbox / "good.wav"), f"{inbox}/caf\\xe9.wav"}
+    assert rows[str(inbox / "good.wav")].state == "discovered"
+    refused = rows[f"{inbox}/caf\\xe9.wav"]
+    assert refused.state == "rejected" and "not valid UTF-8" in (refused.error or "")
+
+
+def test_a_merge_never_drops_a_recording_that_has_its_own_content(sessions: sessionmaker[Session]) -> None:
+    from daemon import lifecycle
+    from daemon.errors import IllegalTransition
+
+    with sessions() as session:
+        original = lifecycle.discover(session, path="/in/a.wav", size=1, mtime_ns=1, watch_root="/in",
+                                      closed_after_write=True, now=T0)
+        converted = lifecycle.discover(session, path="/in/b.wav", size=1, mtime_ns=2, watch_root="/in",
+                                       closed_after_write=True, now=T0)
+        converted.sha256, converted.converted_path = "f" * 64, "/state/converted/x.ogg"
+        session.flush()
+        with pytest.raises(IllegalTransition):
+            lifecycle.merge_duplicate(session, converted, original.id, now=T0)

@@ -7,14 +7,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import SimpleNamespace
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from daemon import lifecycle, prompts
+from daemon import lifecycle, prompt_lifecycle, prompts
 from daemon.config import Settings
 from daemon.context import Context
 from daemon.errors import TransientError
@@ -230,40 +230,38 @@ def test_a_watch_folders_prompts_are_queued_once_per_recording(session: Session,
 
 
 class FakeClock:
+    """The injected clock: time moves only when a test (or the fake model) moves it."""
+
     def __init__(self) -> None:
-        self.now = 1000.0
+        self.current = T0
 
-    def monotonic(self) -> float:
-        return self.now
+    def now(self) -> datetime:
+        return self.current
 
-    def sleep(self, seconds: float) -> None:
-        self.now += seconds
-
-
-@pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
-    fake = FakeClock()
-    monkeypatch.setattr(prompts, "time", SimpleNamespace(monotonic=fake.monotonic, sleep=fake.sleep))
-    return fake
+    def advance(self, seconds: float) -> None:
+        self.current += timedelta(seconds=seconds)
 
 
 @pytest.fixture
-def runner(settings: Settings, sessions: sessionmaker[Session]) -> Iterator[prompts.PromptRunner]:
-    made = prompts.PromptRunner(Context(settings=settings, sessions=sessions, client=None))
-    yield made
-    made.shutdown()
+def clock() -> FakeClock:
+    return FakeClock()
 
 
-def test_requests_per_minute_are_counted_per_model_over_a_sliding_minute(runner: prompts.PromptRunner,
-                                                                         clock: FakeClock) -> None:
+@pytest.fixture
+def ctx(settings: Settings, sessions: sessionmaker[Session], clock: FakeClock) -> Context:
+    return Context(settings=settings, sessions=sessions, client=None, clock=clock, holder="test")
+
+
+def test_requests_per_minute_are_counted_per_model_over_a_sliding_minute(clock: FakeClock) -> None:
+    limiter = prompts.RateLimiter(clock, per_minute=3)
     for _ in range(3):  # at 0, 10 and 20 s
-        assert runner.take_request_slot("flash") == 0.0
-        clock.now += 10
-    assert runner.take_request_slot("flash") == pytest.approx(30.0), "the fourth waits for the first to age out"
-    assert runner.take_request_slot("pro") == 0.0, "another model has its own limit"
-    clock.now += 30  # 60 s after the first
-    assert runner.take_request_slot("flash") == 0.0
-    assert runner.take_request_slot("flash") == pytest.approx(10.0), "only one slot came free"
+        assert limiter.take("flash") == 0.0
+        clock.advance(10)
+    assert limiter.take("flash") == pytest.approx(31.0), "the fourth waits for the first to age out (+1 s margin)"
+    assert limiter.take("pro") == 0.0, "another model has its own limit"
+    clock.advance(31)  # 61 s after the first
+    assert limiter.take("flash") == 0.0
+    assert limiter.take("flash") == pytest.approx(10.0), "only one slot came free"
 
 
 # --- chunked transcripts under a rate limit ----------------------------------------------------------------
@@ -277,7 +275,7 @@ class FakeClient:
 
     def generate(self, model: str, parts: list[Any], **_: Any) -> Generation:
         self.calls += 1
-        self.clock.now += 1.0  # a quick model: a second per chunk
+        self.clock.advance(1.0)  # a quick model: a second per chunk
         error = self.fail(self.calls)
         if error is not None:
             raise error
@@ -296,53 +294,57 @@ def chunked_prompt(session: Session, settings: Settings, tmp_path: Path) -> tupl
     return prompt, chunks
 
 
-def run_until_done(sessions: sessionmaker[Session], runner: prompts.PromptRunner, prompt_id: int, clock: FakeClock,
+def run_until_done(sessions: sessionmaker[Session], ctx: Context, prompt_id: int, clock: FakeClock,
                    minutes: float, recheck: float = 10.0) -> str:
-    """Claim and run the prompt again and again, as the dispatcher does, for `minutes` of (fake) time. The daemon
-    rechecks a waiting prompt every 2 s; every 10 s comes to the same here in fewer runs (each run cuts audio)."""
-    deadline = clock.now + minutes * 60
-    while clock.now < deadline:
+    """Claim and run the prompt again and again, as the engine does when it is due, for `minutes` of (fake)
+    time; every 10 s here comes to the same as waking at each due time, in fewer runs (each run cuts audio)."""
+    limiter = prompts.RateLimiter(clock, ctx.settings.prompts.requests_per_minute)
+    deadline = clock.now() + timedelta(minutes=minutes)
+    while clock.now() < deadline:
         with sessions() as session, session.begin():
-            prompts._move(session, prompt_id, prompts.P.QUEUED, prompts.P.RUNNING)
-        prompts.run_prompt(runner.ctx, prompt_id, runner)
+            due = session.get(Prompt, prompt_id).next_attempt_at  # type: ignore[union-attr]
+            token = None if due and due > clock.now() else prompt_lifecycle.claim(
+                session, prompt_id, now=clock.now(), holder="test", until=clock.now() + timedelta(minutes=1))
+        if token is not None:
+            prompts.run_prompt(ctx, prompt_id, token, limiter)
         with sessions() as session:
             state = session.get(Prompt, prompt_id).state  # type: ignore[union-attr]
         if state != "queued":
             return state
-        clock.now += recheck
+        clock.advance(recheck)
     return "queued"
 
 
 def test_a_chunked_transcript_with_no_more_chunks_than_the_rate_limit_completes(
-        settings: Settings, sessions: sessionmaker[Session], session: Session, runner: prompts.PromptRunner,
+        settings: Settings, sessions: sessionmaker[Session], session: Session, ctx: Context,
         clock: FakeClock, tmp_path: Path) -> None:
     client = FakeClient(clock)
-    runner.ctx.client = client  # type: ignore[assignment]
+    ctx.client = client  # type: ignore[assignment]
     prompt, chunks = chunked_prompt(session, settings, tmp_path)
     with sessions() as other, other.begin():
         other.get(Prompt, prompt.id).chunk_seconds = 3.0  # type: ignore[union-attr]
     expected = len(prompts.chunking.plan_chunks(7.0, chunk_seconds=3.0, overlap_seconds=0.5))
     assert expected <= settings.prompts.requests_per_minute < chunks
 
-    assert run_until_done(sessions, runner, prompt.id, clock, minutes=1) == "done"
+    assert run_until_done(sessions, ctx, prompt.id, clock, minutes=1) == "done"
     assert client.calls == expected
 
 
 def test_a_chunked_transcript_with_more_chunks_than_the_rate_limit_still_completes(
-        settings: Settings, sessions: sessionmaker[Session], session: Session, runner: prompts.PromptRunner,
+        settings: Settings, sessions: sessionmaker[Session], session: Session, ctx: Context,
         clock: FakeClock, tmp_path: Path) -> None:
     client = FakeClient(clock)
-    runner.ctx.client = client  # type: ignore[assignment]
+    ctx.client = client  # type: ignore[assignment]
     prompt, chunks = chunked_prompt(session, settings, tmp_path)
     assert chunks == 4 > settings.prompts.requests_per_minute == 3
 
-    state = run_until_done(sessions, runner, prompt.id, clock, minutes=3)
+    state = run_until_done(sessions, ctx, prompt.id, clock, minutes=3)
 
     assert state == "done", f"still {state} after 3 minutes and {client.calls} requests for {chunks} chunks"
 
 
 def test_a_rate_limit_on_a_late_chunk_does_not_resend_the_chunks_already_answered(
-        settings: Settings, sessions: sessionmaker[Session], session: Session, runner: prompts.PromptRunner,
+        settings: Settings, sessions: sessionmaker[Session], session: Session, ctx: Context,
         clock: FakeClock, tmp_path: Path) -> None:
     prompt, _ = chunked_prompt(session, settings, tmp_path)
     with sessions() as other, other.begin():
@@ -351,7 +353,7 @@ def test_a_rate_limit_on_a_late_chunk_does_not_resend_the_chunks_already_answere
     rate_limited = TransientError("prompt to gemini-2.5-flash: 429 RESOURCE_EXHAUSTED", "retried automatically",
                                   retry_after=1.0)
     client = FakeClient(clock, fail=lambda n: rate_limited if n == chunks else None)  # the last chunk, once
-    runner.ctx.client = client  # type: ignore[assignment]
+    ctx.client = client  # type: ignore[assignment]
 
-    assert run_until_done(sessions, runner, prompt.id, clock, minutes=3) == "done"
+    assert run_until_done(sessions, ctx, prompt.id, clock, minutes=3) == "done"
     assert client.calls == chunks + 1, "only the rate-limited chunk is sent again"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from daemon.context import Context
 from daemon.gemini import GeminiClient, display_name_for
 from daemon.lifecycle import RecordingState as S
 from db.models import DaemonState, Recording
+from db.session import session_scope
 from tests import media
 from tests.emulator import Emulator
 from tests.harness import API_KEY
@@ -66,10 +68,17 @@ def converted_recording(session: Session, folder: Path, name: str, state: S = S.
     return recording
 
 
-def media_now():  # noqa: ANN201
-    from datetime import UTC, datetime
-
+def media_now() -> datetime:
     return datetime.now(UTC)
+
+
+def drain_deletions(ctx: Context) -> None:
+    """Run the queued remote deletions, as the engine's delete work does."""
+    kind = remote.DeleteKind(ctx, lambda now: now + timedelta(minutes=1))
+    with session_scope(ctx.sessions) as session:
+        claims = kind.claim(session, ctx.now(), 100)
+    for claim in claims:
+        kind.run(claim)
 
 
 def test_an_upload_that_finished_before_a_crash_is_adopted(ctx: Context, sdk: genai.Client, tmp_path: Path,
@@ -96,6 +105,8 @@ def test_orphans_of_ours_are_deleted_and_other_files_are_never_touched(ctx: Cont
         with open(audio, "rb") as stream:
             sdk.files.upload(file=stream, config={"mime_type": "audio/ogg", "display_name": display_name})
     remote.reconcile(ctx)
+    assert len(emulator.files) == 3, "reconcile only queues deletions: no network call inside its transaction"
+    drain_deletions(ctx)
     assert sorted(f.display_name for f in emulator.files) == [display_name_for("otherinst", 1, "another audiodrop"),
                                                               "someone else's file"]
     with sessions() as session:
@@ -109,10 +120,12 @@ def test_a_file_gone_from_the_server_becomes_expired(ctx: Context, sdk: genai.Cl
 
     with sessions() as session:
         recording = converted_recording(session, tmp_path, "talk")
-        lifecycle.advance(session, recording.id, expected=S.CONVERTED, to=S.UPLOADING, now=media_now(),
-                          upload_display_name=display_name_for(INSTANCE, recording.id, "x"))
+        token = lifecycle.claim(session, recording.id, expected=S.CONVERTED, to=S.UPLOADING, now=media_now(),
+                                holder="test", until=media_now() + timedelta(minutes=1),
+                                upload_display_name=display_name_for(INSTANCE, recording.id, "x"))
         session.commit()
-    uploader.upload_recording(ctx, recording.id)
+    assert token is not None
+    uploader.upload_recording(ctx, recording.id, token)
     with sessions() as session:
         name = session.get(Recording, recording.id).remote_name  # type: ignore[union-attr]
     sdk.files.delete(name=name)
@@ -122,3 +135,30 @@ def test_a_file_gone_from_the_server_becomes_expired(ctx: Context, sdk: genai.Cl
         assert gone is not None and gone.state == "expired"
         assert session.scalars(select(Recording.id)).all() == [recording.id]
         assert "gone from the server" in gone.events[-1].reason
+
+
+def test_an_upload_that_finishes_while_the_list_is_read_is_not_taken_for_gone(
+        ctx: Context, sdk: genai.Client, tmp_path: Path, sessions: sessionmaker[Session]) -> None:
+    """The database is read before files.list: an upload finishing in between is not marked gone."""
+    from daemon import uploader
+
+    with sessions() as session:
+        recording = converted_recording(session, tmp_path, "late")
+        token = lifecycle.claim(session, recording.id, expected=S.CONVERTED, to=S.UPLOADING, now=media_now(),
+                                holder="test", until=media_now() + timedelta(minutes=1),
+                                upload_display_name=display_name_for(INSTANCE, recording.id, "x"))
+        session.commit()
+    assert ctx.client is not None and token is not None
+    real_list = ctx.client.list_files
+
+    def list_while_the_upload_finishes() -> list:  # type: ignore[type-arg]
+        listed = real_list()  # the server's answer is read first...
+        uploader.upload_recording(ctx, recording.id, token)  # ...then the upload finishes and is recorded
+        return listed
+
+    ctx.client.list_files = list_while_the_upload_finishes  # type: ignore[method-assign]
+    remote.reconcile(ctx)
+    with sessions() as session:
+        current = session.get(Recording, recording.id)
+        assert current is not None and current.state in ("processing", "active"), [e.reason for e in current.events]
+        assert remote.ours_bytes(session) == current.remote_bytes

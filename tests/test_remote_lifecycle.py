@@ -167,7 +167,7 @@ def test_a_full_project_means_free_space_then_retry_and_other_tools_files_are_ke
     limit = 60_000
     with Emulator(api_key=API_KEY, data_dir=tmp_path / "emulator", storage_limit_bytes=limit) as emulator:
         daemon = DaemonProcess(tmp_path / "d", base_url=emulator.base_url,
-                               gemini={"storage_limit_bytes": limit, "reconcile_interval_seconds": 3600})
+                               gemini={"storage_limit_bytes": limit, "reconcile_interval_seconds": 3600}, log_level="DEBUG")
         daemon.start()
         # Another tool fills half the project after the daemon's first look at the server.
         foreign = tmp_path / "other tool.bin"
