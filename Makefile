@@ -9,13 +9,19 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 SYSTEM_PACKAGES := ffmpeg espeak-ng postgresql
 PYTEST_ARGS ?= -n 2
 
-.PHONY: run test setup system-deps bench clean install-service
+.PHONY: run test check setup system-deps bench clean install-service
 
 run: setup
 	$(VENV)/bin/audiodrop run $(if $(AUDIODROP_CONFIG),--config "$(AUDIODROP_CONFIG)")
 
 test: setup
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# The check gate (CI runs it before the tests): ruff on the code, pyflakes on tests and benchmarks, mypy strict.
+check: setup
+	$(VENV)/bin/ruff check daemon db migrations/env.py
+	$(VENV)/bin/ruff check --select F tests bench
+	$(VENV)/bin/mypy
 
 setup: system-deps $(STAMP)
 

@@ -6,8 +6,6 @@ recordings through daemon.lifecycle before the daemon starts)."""
 
 from __future__ import annotations
 
-import ctypes
-import json
 import math
 import os
 import random
@@ -24,6 +22,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from daemon.pipeline.transcode import dying_with_parent
+from tests.harness import DaemonProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -198,35 +199,6 @@ def make_clips(master: Master, folder: Path, specs: Sequence[tuple[str, float, s
 # ---- the daemon's configuration and process ----------------------------------------------------------------------
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)  # a TOML basic string for anything printable
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {value!r} as TOML")
-
-
-def write_config(folder: Path, *, inbox: Path, gemini: dict[str, Any] | None = None,
-                 conversion: dict[str, Any] | None = None, intake: dict[str, Any] | None = None,
-                 log_level: str = "INFO") -> Path:
-    """A config with only what is given: everything else is the daemon's default (unlike the tests' config,
-    which shortens the intake timings)."""
-    lines = [f"state_dir = {_toml_value(str(folder / 'state'))}",
-             f"results_dir = {_toml_value(str(folder / 'results'))}",
-             f"log_level = {_toml_value(log_level)}", "", "[[watch]]", f"path = {_toml_value(str(inbox))}"]
-    for name, table in (("gemini", gemini), ("conversion", conversion), ("intake", intake)):
-        if table:
-            lines += ["", f"[{name}]", *(f"{k} = {_toml_value(v)}" for k, v in table.items())]
-    path = folder / "config.toml"
-    folder.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
-
-
 def parse_utc(text: str) -> float:
     """A timestamp as the daemon stores it (naive UTC 'YYYY-MM-DD HH:MM:SS.ffffff') -> POSIX seconds."""
     return datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp()
@@ -284,53 +256,31 @@ class StateDb:
             self._connection = None
 
 
-_PR_SET_PDEATHSIG = 1
-
-
-def _stop_with_parent() -> None:
-    # In the child before exec: a benchmark that is killed must not leave its daemon running for nobody.
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-class Daemon:
-    """`python -m daemon run --config X` in a subprocess, its log in folder/daemon.log; it gets SIGTERM if the
-    benchmark dies."""
+class Daemon(DaemonProcess):
+    """The test harness's daemon (tests/harness.py) with the daemon's own defaults for everything not given,
+    readiness taken from the database, and a read-only view of that database."""
 
     def __init__(self, folder: Path, *, api_key: str | None = None, base_url: str | None = None,
                  gemini: dict[str, Any] | None = None, conversion: dict[str, Any] | None = None,
                  intake: dict[str, Any] | None = None, log_level: str = "INFO") -> None:
-        self.folder = folder
-        self.inbox = folder / "inbox"
-        self.inbox.mkdir(parents=True, exist_ok=True)
+        tables = {name: table for name, table in (("gemini", gemini), ("conversion", conversion), ("intake", intake))
+                  if table}
+        super().__init__(folder, base_url=base_url, api_key=api_key, test_timings=False, log_level=log_level, **tables)
         self.state_dir = folder / "state"
-        gemini = dict(gemini or {})
-        if base_url:
-            gemini["base_url"] = base_url
-        self.config_path = write_config(folder, inbox=self.inbox, gemini=gemini, conversion=conversion,
-                                        intake=intake, log_level=log_level)
-        self.log_path = folder / "daemon.log"
-        self.env = {k: v for k, v in os.environ.items()
-                    if k not in ("GEMINI_API_KEY", "GOOGLE_API_KEY", "GOOGLE_GEMINI_BASE_URL", "AUDIODROP_CONFIG")}
-        if api_key:
-            self.env["GEMINI_API_KEY"] = api_key
         self.db = StateDb(self.state_dir / "audiodrop.db")
-        self.process: subprocess.Popen[bytes] | None = None
         self.started_at = self.ready_at = 0.0
-
-    @property
-    def argv(self) -> list[str]:
-        return [PYTHON, "-m", "daemon", "run", "--config", str(self.config_path)]
 
     @property
     def pid(self) -> int:
         assert self.process is not None
         return self.process.pid
 
-    def start(self, timeout: float = 60) -> Daemon:
+    def start(self, timeout: float = 60) -> Daemon:  # type: ignore[override]
         with open(self.log_path, "ab") as log:
             self.started_at = time.time()
-            self.process = subprocess.Popen(self.argv, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                            preexec_fn=_stop_with_parent)
+            self.process = subprocess.Popen([PYTHON, "-m", "daemon", "run", "--config", str(self.config_path)],
+                                            cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                            preexec_fn=dying_with_parent(signal.SIGTERM))
         # Ready once its first heartbeat is written: the watcher is started before it.
         wait_until(lambda: self.db.daemon_pid() == self.pid or self.exited(), timeout, 0.05, "the daemon to start")
         if self.exited():
@@ -338,19 +288,16 @@ class Daemon:
         self.ready_at = time.time()
         return self
 
-    def exited(self) -> bool:
-        return self.process is not None and self.process.poll() is not None
-
-    def stop(self, timeout: float = 30) -> None:
+    def stop(self, timeout: float = 30) -> int:
         self.db.close()
         if self.process is None or self.process.poll() is not None:
-            return
+            return self.process.returncode if self.process else 0
         self.process.send_signal(signal.SIGTERM)
         try:
-            self.process.wait(timeout=timeout)
+            return self.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.process.kill()
-            self.process.wait()
+            return self.process.wait()
 
     def __enter__(self) -> Daemon:
         return self.start()
@@ -359,7 +306,7 @@ class Daemon:
         self.stop()
 
     def log_tail(self, chars: int = 4000) -> str:
-        return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.exists() else ""
+        return self.log()[-chars:]
 
     def wait_for_counts(self, done: Callable[[dict[str, int]], bool], timeout: float, interval: float = 0.1,
                         what: str = "states") -> dict[str, int]:
@@ -463,8 +410,8 @@ def seed_recordings(daemon: Daemon, seeds: Sequence[Seed], *, until: str, days_a
     every recording ends in). Call before the daemon starts; sources should lie outside the inbox."""
     from datetime import timedelta
 
-    from daemon import lifecycle
-    from daemon.lifecycle import RecordingState as S
+    from daemon.pipeline import lifecycle
+    from daemon.pipeline.lifecycle import RecordingState as S
     from db.session import make_engine, make_sessionmaker, session_scope, upgrade_to_head
 
     database = daemon.state_dir / "audiodrop.db"

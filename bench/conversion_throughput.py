@@ -39,7 +39,7 @@ from bench.common import (
     memory_mib,
     print_table,
 )
-from daemon import transcode
+from daemon.pipeline import transcode
 
 MODULE = "bench.conversion_throughput"
 KINDS = ("wav", "m4a", "mp3")

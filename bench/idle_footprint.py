@@ -47,7 +47,7 @@ MODULE = "bench.idle_footprint"
 SCAN_TIMER = """
 import statistics, sys, time
 from datetime import UTC, datetime
-from daemon import intake
+from daemon.pipeline import intake
 from daemon.config import load_settings
 from db.session import make_engine, make_sessionmaker
 settings = load_settings(sys.argv[1])

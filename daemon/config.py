@@ -18,14 +18,23 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, Strict, TypeAdapter, ValidationError
-from pydantic import ValidationInfo, field_validator
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic.dataclasses import dataclass
 from pydantic.fields import FieldInfo
 from pydantic_core import ErrorDetails, PydanticCustomError
 
 from daemon.errors import ConfigError
-from daemon.transcode import FORMATS
+from daemon.pipeline.transcode import FORMATS
 
 BUILTIN_TEMPLATES = {
     "transcribe": (
@@ -92,95 +101,100 @@ _FORMAT_CHOICES = ", ".join(f"{name} ({fmt.mime_type})" for name, fmt in FORMATS
 class Watch:
     path: Annotated[UserPath, AfterValidator(Path.absolute)] = Field(
         description="the folder to watch", examples=["/srv/recordings/inbox"])
-    recursive: Bool = Field(True, description="watch its subfolders too")
+    recursive: Bool = Field(default=True, description="watch its subfolders too")
     prompts: tuple[TemplateName, ...] = Field(
-        (), description="templates run on every new recording here", examples=[["transcribe"]])
-    include: tuple[str, ...] = Field(("*",), description="glob patterns on the name or the relative path")
-    exclude: tuple[str, ...] = Field((), description="glob patterns never taken", examples=[["*.txt", "drafts/*"]])
+        default=(), description="templates run on every new recording here", examples=[["transcribe"]])
+    include: tuple[str, ...] = Field(default=("*",), description="glob patterns on the name or the relative path")
+    exclude: tuple[str, ...] = Field(default=(), description="glob patterns never taken",
+                                     examples=[["*.txt", "drafts/*"]])
     # None: decided at start from the filesystem type (inotify never fires on network and FUSE mounts).
     poll: Bool | None = Field(
-        None, description="default: automatic (polling on NFS, SMB and FUSE mounts)", examples=[True])
+        default=None, description="default: automatic (polling on NFS, SMB and FUSE mounts)", examples=[True])
 
 
 @dataclass(frozen=True, config=_TABLE)
 class GeminiSettings:
-    model: str = Field("gemini-2.5-flash", description="the model prompts use unless their template names one")
-    storage_limit_bytes: Int = Field(21_474_836_480, gt=0, description="the project's Files API quota")
-    storage_headroom_bytes: Int = Field(0, ge=0, description="room left for other tools in the same project")
+    model: str = Field(default="gemini-2.5-flash", description="the model prompts use unless their template names one")
+    storage_limit_bytes: Int = Field(default=21_474_836_480, gt=0, description="the project's Files API quota")
+    storage_headroom_bytes: Int = Field(default=0, ge=0, description="room left for other tools in the same project")
     expiry_margin_seconds: Int = Field(
-        3600, ge=0, description="never prompt with a file that expires sooner than this")
+        default=3600, ge=0, description="never prompt with a file that expires sooner than this")
     api_key_file: UserPath | None = Field(
-        None, description="else $GEMINI_API_KEY / $GOOGLE_API_KEY / systemd credential gemini-api-key",
+        default=None, description="else $GEMINI_API_KEY / $GOOGLE_API_KEY / systemd credential gemini-api-key",
         examples=["/etc/audiodrop/key"])
     base_url: str | None = Field(
-        None, description="a proxy or the local emulator (also $GOOGLE_GEMINI_BASE_URL)",
+        default=None, description="a proxy or the local emulator (also $GOOGLE_GEMINI_BASE_URL)",
         examples=["http://127.0.0.1:8765"])
-    api_version: str | None = Field(None, description="default: the SDK's", examples=["v1beta"])
-    request_timeout_seconds: Float = Field(60.0, gt=0, description="time limit of one API request")
-    upload_timeout_seconds: Float = Field(300.0, gt=0, description="time limit of one upload")
-    processing_poll_seconds: Float = Field(2.0, gt=0, description="files.get while a file is PROCESSING...")
-    processing_timeout_seconds: Float = Field(600.0, gt=0, description="...for at most this long, then a retry")
-    upload_workers: Int = Field(2, gt=0, description="uploads running at once")
+    api_version: str | None = Field(default=None, description="default: the SDK's", examples=["v1beta"])
+    request_timeout_seconds: Float = Field(default=60.0, gt=0, description="time limit of one API request")
+    upload_timeout_seconds: Float = Field(default=300.0, gt=0, description="time limit of one upload")
+    processing_poll_seconds: Float = Field(default=2.0, gt=0, description="files.get while a file is PROCESSING...")
+    processing_timeout_seconds: Float = Field(default=600.0, gt=0, description="...for at most this long, then a retry")
+    upload_workers: Int = Field(default=2, gt=0, description="uploads running at once")
     keep_resident: Bool = Field(
-        False, description="re-upload expired recordings at once (when they fit), not only when a prompt needs them")
+        default=False,
+        description="re-upload expired recordings at once (when they fit), not only when a prompt needs them")
     reconcile_interval_seconds: Float = Field(
-        600.0, gt=0, description="how often files.list is compared with the database")
+        default=600.0, gt=0, description="how often files.list is compared with the database")
     # A storage refusal that files.list cannot explain (the server's count lags, or holds files nobody can list)
     # is not retried in a loop: the pause doubles each time it repeats, up to 30 minutes.
     storage_retry_seconds: Float = Field(
-        30.0, gt=0, description="first pause after the server refuses an upload as over quota unexplained")
+        default=30.0, gt=0, description="first pause after the server refuses an upload as over quota unexplained")
 
 
 @dataclass(frozen=True, config=_TABLE)
 class ConversionSettings:
-    format: FormatName = Field("opus", description=f"the upload encoding: {_FORMAT_CHOICES}")
-    fallback_format: FormatName = Field("vorbis", description="used for a recording if the API refuses the first")
+    format: FormatName = Field(default="opus", description=f"the upload encoding: {_FORMAT_CHOICES}")
+    fallback_format: FormatName = Field(default="vorbis",
+                                        description="used for a recording if the API refuses the first")
     workers: Int = Field(default_factory=lambda: os.cpu_count() or 1, gt=0, examples=[2],
                          description="parallel ffmpeg processes (default: the number of cores)")
-    ffmpeg: str = Field("ffmpeg", description="the ffmpeg program (a bare name is looked up on PATH)")
-    ffprobe: str = Field("ffprobe", description="the ffprobe program (a bare name is looked up on PATH)")
+    ffmpeg: str = Field(default="ffmpeg", description="the ffmpeg program (a bare name is looked up on PATH)")
+    ffprobe: str = Field(default="ffprobe", description="the ffprobe program (a bare name is looked up on PATH)")
 
 
 @dataclass(frozen=True, config=_TABLE)
 class IntakeSettings:
     # Writers that append in pieces close the file in between: a close event alone does not mean complete.
     close_quiet_seconds: Float = Field(
-        0.2, ge=0, description="after a writer closes a file, it must stay unchanged this long")
+        default=0.2, ge=0, description="after a writer closes a file, it must stay unchanged this long")
     settle_seconds: Float = Field(
-        5.0, gt=0, description="without a close event (moved in, renamed, polled), size and mtime must hold this long")
+        default=5.0, gt=0,
+        description="without a close event (moved in, renamed, polled), size and mtime must hold this long")
     scan_interval_seconds: Float = Field(
-        300.0, gt=0, description="the catch-up scan that finds whatever the events missed")
+        default=300.0, gt=0, description="the catch-up scan that finds whatever the events missed")
     poll_interval_seconds: Float = Field(
-        2.0, gt=0, description="how often polled folders (network drives) are looked at")
+        default=2.0, gt=0, description="how often polled folders (network drives) are looked at")
 
 
 @dataclass(frozen=True, config=_TABLE)
 class PromptSettings:
     inline: Literal["auto", "never"] = Field(
-        "auto", description="auto: a small recording whose remote copy is not live goes inline; never: upload")
+        default="auto", description="auto: a small recording whose remote copy is not live goes inline; never: upload")
     inline_limit_bytes: Int = Field(
-        20 * 1024 * 1024, gt=0, description="whole inline request, after base64 (newer API docs allow 100 MB)")
+        default=20 * 1024 * 1024, gt=0, description="whole inline request, after base64 (newer API docs allow 100 MB)")
     max_output_tokens: Int = Field(
-        8192, gt=0, description="doubled on a cut-off answer, up to max_output_tokens_limit, then split")
+        default=8192, gt=0, description="doubled on a cut-off answer, up to max_output_tokens_limit, then split")
     max_output_tokens_limit: Int = Field(
-        65536, gt=0, description="the largest budget a cut-off answer is retried with")
+        default=65536, gt=0, description="the largest budget a cut-off answer is retried with")
     # Transcripts are split into chunks sized by the output budget (15-30 min), overlapping slightly.
-    chunk_seconds: Float = Field(1200.0, gt=0, description="long transcripts go in pieces this long...")
+    chunk_seconds: Float = Field(default=1200.0, gt=0, description="long transcripts go in pieces this long...")
     chunk_overlap_seconds: Float = Field(
-        10.0, ge=0, description="...overlapping this much, stitched on the recording's own timeline")
+        default=10.0, ge=0, description="...overlapping this much, stitched on the recording's own timeline")
     requests_per_minute: Int = Field(
-        10, gt=0, description="per model: a burst of recordings never becomes a storm of 429s")
-    workers: Int = Field(2, gt=0, description="prompts running at once")
+        default=10, gt=0, description="per model: a burst of recordings never becomes a storm of 429s")
+    workers: Int = Field(default=2, gt=0, description="prompts running at once")
     generate_timeout_seconds: Float = Field(
-        600.0, gt=0, description="time limit of one generation call (long answers take minutes)")
+        default=600.0, gt=0, description="time limit of one generation call (long answers take minutes)")
     # Thinking models spend part of max_output_tokens thinking before they answer, which can cut a transcript short.
     thinking_budget: Int = Field(
-        1024, ge=-1, description="caps a thinking model's tokens, which count against max_output_tokens "
+        default=1024, ge=-1, description="caps a thinking model's tokens, which count against max_output_tokens "
                                  "(-1: the model decides, 0: none)")
     # Some models fail on audio with 500 INTERNAL for good (field notes: gemini-3.1-flash-lite).
     fallback_model: str = Field(
-        "gemini-2.5-flash", description='used after fallback_after 500 INTERNAL answers in a row ("": never switch)')
-    fallback_after: Int = Field(3, gt=0, description="how many such answers in a row switch the model")
+        default="gemini-2.5-flash",
+        description='used after fallback_after 500 INTERNAL answers in a row ("": never switch)')
+    fallback_after: Int = Field(default=3, gt=0, description="how many such answers in a row switch the model")
 
 
 @dataclass(frozen=True, config=_TABLE)
@@ -188,18 +202,18 @@ class ServiceSettings:
     # Work is claimed under a lease that the daemon renews while it works; a daemon that died or lost its
     # database keeps no work longer than this.
     lease_seconds: Float = Field(
-        60.0, ge=1, description="how long a claim on a piece of work holds without renewal")
+        default=60.0, ge=1, description="how long a claim on a piece of work holds without renewal")
 
 
 @dataclass(frozen=True, config=_TABLE)
 class Template:
     prompt: str = Field(min_length=1, description="the text sent with the audio",
                         examples=["Write the minutes of this meeting: decisions, action items with owners."])
-    model: str | None = Field(None, description="default: gemini.model", examples=["gemini-2.5-pro"])
-    system_instruction: str | None = Field(None, description="optional", examples=["Be concise."])
-    output_format: Literal["markdown", "text", "json"] = Field("markdown", description="markdown, text or json")
+    model: str | None = Field(default=None, description="default: gemini.model", examples=["gemini-2.5-pro"])
+    system_instruction: str | None = Field(default=None, description="optional", examples=["Be concise."])
+    output_format: Literal["markdown", "text", "json"] = Field(default="markdown", description="markdown, text or json")
     # The table's own name ([templates.NAME]), filled in by Settings; not a key.
-    name: str = Field("", init=False, exclude=True)
+    name: str = Field(default="", init=False, exclude=True)
 
 
 @dataclass(frozen=True, config=_TABLE)
@@ -211,24 +225,24 @@ class Settings:
         default_factory=lambda data: data["state_dir"] / "results", examples=["/var/lib/audiodrop/results"],
         description="prompt results as files (default state_dir/results)")
     database_url: Annotated[str, AfterValidator(_database_url)] | None = Field(
-        None, examples=["postgresql+psycopg://audiodrop@db:5432/audiodrop"],
+        default=None, examples=["postgresql+psycopg://audiodrop@db:5432/audiodrop"],
         description=f"fleet mode (default: SQLite in state_dir; ${DATABASE_URL_VARIABLE} overrides it)")
     log_level: Annotated[Literal["DEBUG", "INFO", "WARNING", "ERROR"], BeforeValidator(_upper)] = Field(
-        "INFO", description="DEBUG, INFO, WARNING or ERROR")
+        default="INFO", description="DEBUG, INFO, WARNING or ERROR")
     watches: tuple[Watch, ...] = Field(
         default_factory=lambda: (Watch(path=Path.home() / "AudioDrop" / "inbox"),), alias="watch",
         description="one table per drop folder (none given: ~/AudioDrop/inbox)")
-    gemini: GeminiSettings = Field(default_factory=GeminiSettings, description="the Gemini API")
-    conversion: ConversionSettings = Field(default_factory=ConversionSettings,
+    gemini: GeminiSettings = Field(default_factory=lambda: GeminiSettings(), description="the Gemini API")
+    conversion: ConversionSettings = Field(default_factory=lambda: ConversionSettings(),
                                            description="the compact mono copy ffmpeg makes")
-    intake: IntakeSettings = Field(default_factory=IntakeSettings,
+    intake: IntakeSettings = Field(default_factory=lambda: IntakeSettings(),
                                    description="when a dropped file counts as completely written")
-    prompts: PromptSettings = Field(default_factory=PromptSettings, description="how prompts run")
-    service: ServiceSettings = Field(default_factory=ServiceSettings, description="the daemon's work engine")
+    prompts: PromptSettings = Field(default_factory=lambda: PromptSettings(), description="how prompts run")
+    service: ServiceSettings = Field(default_factory=lambda: ServiceSettings(), description="the daemon's work engine")
     templates: dict[str, Template] = Field(
         default_factory=dict, validate_default=True,
         description="your own templates; transcribe and summarize are built in (and can be redefined)")
-    source: Path | None = Field(None, exclude=True, validate_default=True)  # the file read; not a key
+    source: Path | None = Field(default=None, exclude=True, validate_default=True)  # the file read; not a key
 
     @field_validator("templates", mode="before")
     @classmethod

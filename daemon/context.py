@@ -1,6 +1,6 @@
 """What every pipeline step needs, built once by the service (or by `audiodrop process`): settings, database
 sessions, the clock, the Gemini client (None without an API key), this run's name for claims, the engine's
-wake-up, and the record of what the uploads and prompts are waiting for."""
+wake-up, and the API pauses (why uploads and prompts wait as a whole)."""
 
 from __future__ import annotations
 
@@ -30,9 +30,9 @@ def human_bytes(count: int) -> str:
 
 
 @dataclass
-class Waiting:
-    """Reasons the API work of this run pauses as a whole: the API is unreachable, the key is missing or
-    refused, or the server refuses uploads as over the storage quota."""
+class ApiPauses:
+    """Why this run's API work pauses as a whole, and until when: the API is unreachable, the key is missing or
+    refused (every call waits), or the server refuses uploads as over the storage quota (uploads wait)."""
 
     offline_since: datetime | None = None
     auth_problem: str | None = None
@@ -66,7 +66,8 @@ class Waiting:
         times = [self.retry_at] + ([self.quota_retry_at] if upload else [])
         return max((t for t in times if t is not None), default=None)
 
-    def note(self, decision: Decision, now: datetime, *, refused_bytes: int = 0, quota_pause: float = 30.0) -> None:
+    def pause_for(self, decision: Decision, now: datetime, *, refused_bytes: int = 0,
+                  quota_pause: float = 30.0) -> None:
         """A problem of the whole API: pause everything that talks to it until `decision.retry_at` (a storage
         refusal pauses uploads longer each time it repeats)."""
         with self.lock:
@@ -113,7 +114,7 @@ class Context:
     sessions: sessionmaker[Session]
     client: GeminiClient | None
     clock: Clock = field(default_factory=SystemClock)
-    waiting: Waiting = field(default_factory=Waiting)
+    pauses: ApiPauses = field(default_factory=ApiPauses)
     instance_id: str = ""
     # This run's name in claims: node and a random run id, so a restarted daemon never mistakes a dead run's
     # claim for its own.

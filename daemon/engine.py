@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.clock import Clock
 from db.models import PeriodicJob
-from db.session import session_scope
+from db.session import rowcount, session_scope
 
 log = logging.getLogger(__name__)
 
@@ -261,7 +261,7 @@ class Engine:
                         .where(key_column == claim.key, claim.table.claimed_by == self.holder,
                                claim.table.claim_token == claim.token)
                         .values(claimed_until=until).execution_options(synchronize_session=False))
-                    if not result.rowcount and not claim.lost.is_set():
+                    if not rowcount(result) and not claim.lost.is_set():
                         claim.lost.set()
                         log.warning("%s %s: the claim was taken over; its outcome will not be written",
                                     claim.kind, claim.key)
@@ -306,7 +306,7 @@ class Engine:
                 .values(claimed_by=self.holder, claimed_until=self.lease_until(now),
                         claim_token=PeriodicJob.claim_token + 1, last_started_at=now)
                 .execution_options(synchronize_session=False))
-            if not result.rowcount:
+            if not rowcount(result):
                 return False
             token = session.get(PeriodicJob, name, populate_existing=True).claim_token  # type: ignore[union-attr]
         claim = Claim("periodic", PeriodicJob, name, token)

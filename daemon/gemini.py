@@ -11,23 +11,21 @@ from __future__ import annotations
 import base64
 import logging
 import re
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-import threading
-from typing import Any
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from daemon.config import GeminiSettings
 from daemon.errors import (
     AuthError,
+    GenerationTimeout,
     OfflineError,
     PermanentError,
     RemoteFileGone,
-    GenerationTimeout,
     StorageQuotaFull,
     TransientError,
     UnsupportedFormat,

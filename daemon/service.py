@@ -23,18 +23,22 @@ from typing import IO
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import Engine
 
-from daemon import intake, lifecycle, prompt_lifecycle, prompts, remote, systemd, transcode
+from daemon import systemd
 from daemon.clock import SystemClock
 from daemon.config import Settings, find_api_key, load_settings
 from daemon.context import Context
-from daemon.conversion import ConvertKind
 from daemon.engine import Engine as WorkEngine
 from daemon.engine import Kind, SweepKind
 from daemon.errors import ConfigError, DaemonError
 from daemon.gemini import GeminiClient
-from daemon.uploader import ProcessingKind, UploadKind
+from daemon.pipeline import intake, lifecycle, remote, transcode
+from daemon.pipeline.conversion import ConvertKind
+from daemon.pipeline.upload import ProcessingKind, UploadKind
+from daemon.pipeline.watcher import Hint, Watcher
+from daemon.prompts import lifecycle as prompt_lifecycle
+from daemon.prompts import results
+from daemon.prompts import runner as prompt_runner
 from daemon.wakeup import Listener
-from daemon.watcher import Hint, Watcher
 from db import queries
 from db.models import DaemonState
 from db.session import make_engine, make_sessionmaker, session_scope, upgrade_to_head
@@ -129,7 +133,7 @@ def build_engine(ctx: Context, *, only: set[int] | None = None, prompts_only: se
     ]
     if upload:
         kinds += [UploadKind(ctx, lease, only), ProcessingKind(ctx, lease), remote.DeleteKind(ctx, lease),
-                  prompts.PromptKind(ctx, lease, prompts_only), prompts.ResultFilesKind(ctx, lease)]
+                  prompt_runner.PromptKind(ctx, lease, prompts_only), prompt_runner.ResultFilesKind(ctx, lease)]
     engine = WorkEngine(ctx.sessions, ctx.clock, ctx.holder, kinds,
                         [lifecycle, prompt_lifecycle, remote.DeletionSweeper()],
                         lease_seconds=ctx.settings.service.lease_seconds)
@@ -165,8 +169,9 @@ class Daemon:
                                clock=SystemClock(), holder=f"{socket.gethostname()}/{secrets.token_hex(4)}",
                                wake=self.wake)
             self.ctx.instance_id = ensure_instance_id(self.ctx)
-            for leftover in transcode.remove_stale_partials(settings.converted_dir):
-                log.info("removed %s, the unfinished output of an interrupted conversion", leftover.name)
+            for leftover in [*transcode.remove_stale_partials(settings.converted_dir),
+                             *results.remove_stale_temps(settings.results_dir)]:
+                log.info("removed %s, the unfinished output of an interrupted write", leftover.name)
             self.engine = build_engine(self.ctx)
             self.engine.start()
             self.watcher = Watcher(settings, self.hints)
@@ -250,7 +255,7 @@ class Daemon:
         old_client, self.ctx.client = self.ctx.client, self._make_client()
         if old_client is not None:
             old_client.close()
-        self.ctx.waiting.clear_network_problems()
+        self.ctx.pauses.clear_network_problems()
         self.watcher.stop()
         self.watcher = Watcher(new, self.hints)
         self.watcher.start()
@@ -336,10 +341,10 @@ class Daemon:
     def reconcile(self) -> None:
         """Compare the server's file list with the database (at start, every reconcile interval, and when the
         server says the storage is full). One node at a time runs it."""
-        if self.ctx.client is None or self.ctx.waiting.paused(self.ctx.now()):
+        if self.ctx.client is None or self.ctx.pauses.paused(self.ctx.now()):
             return
         with session_scope(self.ctx.sessions) as session:
-            if not (remote.worth_reconciling(session) or self.ctx.waiting.quota_problem):
+            if not (remote.worth_reconciling(session) or self.ctx.pauses.quota_problem):
                 return
         try:
             self.engine.run_periodic("reconcile", lambda: remote.reconcile(self.ctx),
@@ -349,12 +354,12 @@ class Daemon:
 
             decision = policy.decide(err, attempts=1, now=self.ctx.now())
             if decision.action in (policy.Action.WAIT_OFFLINE, policy.Action.WAIT_AUTH):
-                self.ctx.waiting.note(decision, self.ctx.now())
+                self.ctx.pauses.pause_for(decision, self.ctx.now())
             log.warning("reconciliation with the server failed: %s", decision.error)
 
     def heartbeat(self) -> None:
         ctx = self.ctx
-        waiting = ctx.waiting.describe(self.has_key)
+        waiting = ctx.pauses.describe(self.has_key)
         with session_scope(ctx.sessions) as session:
             if waiting:
                 backlog = queries.upload_backlog(session)
@@ -372,9 +377,9 @@ class Daemon:
             state.stopped_at = None
             state.waiting_for = waiting
             state.unavailable_folders = "\n".join(f"{path}: {why}" for path, why in self.unavailable.items()) or None
-            state.offline_since = ctx.waiting.offline_since
+            state.offline_since = ctx.pauses.offline_since
             counts = queries.recording_counts(session)
-            used = queries.storage_used(session)
+            used = queries.ours_bytes(session)
         systemd.notify("STATUS=" + status_line(counts, used, self.settings.gemini.storage_limit_bytes, waiting))
 
 

@@ -12,9 +12,9 @@ import time
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import CursorResult, Engine, Result, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.errors import DatabaseError
@@ -61,6 +61,11 @@ def make_engine(path: Path, *, readonly: bool = False) -> Engine:
         cursor.close()
 
     return engine
+
+
+def rowcount(result: Result[Any]) -> int:
+    """How many rows an UPDATE or DELETE changed (Session.execute is typed as returning a plain Result)."""
+    return cast("CursorResult[Any]", result).rowcount
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:

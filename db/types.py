@@ -22,7 +22,8 @@ class UTCDateTime(TypeDecorator[datetime]):
     cache_ok = True
 
     def load_dialect_impl(self, dialect: Any) -> TypeEngine[Any]:
-        return dialect.type_descriptor(DateTime(timezone=dialect.name == "postgresql"))
+        described: TypeEngine[Any] = dialect.type_descriptor(DateTime(timezone=dialect.name == "postgresql"))
+        return described
 
     def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
         if value is None:

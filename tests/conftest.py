@@ -17,16 +17,18 @@ from db.session import make_engine, make_sessionmaker, upgrade_to_head
 T0 = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 
 
-def write_config(folder: Path, **overrides: Any) -> Path:
-    """A complete config for tests: one drop folder, state in the temp folder, fast intake timings."""
+def write_config(folder: Path, *, test_timings: bool = True, **overrides: Any) -> Path:
+    """A complete config: one drop folder, state in the temp folder, and (`test_timings`) fast intake timings;
+    without them, the daemon's defaults for everything not given (what the benchmarks measure)."""
     data: dict[str, Any] = {
         "state_dir": str(folder / "state"),
         "results_dir": str(folder / "results"),
         "watch": [{"path": str(folder / "inbox")}],
-        "intake": {"close_quiet_seconds": 0.3, "settle_seconds": 1.0, "scan_interval_seconds": 2.0,
-                   "poll_interval_seconds": 0.5},
-        "gemini": {"processing_poll_seconds": 0.2},
     }
+    if test_timings:
+        data["intake"] = {"close_quiet_seconds": 0.3, "settle_seconds": 1.0, "scan_interval_seconds": 2.0,
+                          "poll_interval_seconds": 0.5}
+        data["gemini"] = {"processing_poll_seconds": 0.2}
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(data.get(key), dict):
             data[key] = {**data[key], **value}

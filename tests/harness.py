@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import signal
@@ -16,6 +15,7 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any
 
+from daemon.pipeline.transcode import dying_with_parent
 from tests.conftest import write_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,27 +34,22 @@ def wait_until(condition: Callable[[], Any], timeout: float = 60.0, interval: fl
         time.sleep(interval)
 
 
-_LIBC = ctypes.CDLL(None, use_errno=True)
-
-
-def _die_with_parent() -> None:
-    # A test worker that is killed or interrupted must not leave its daemon running.
-    _LIBC.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 class DaemonProcess:
     """`audiodrop run` in a subprocess, its log in a file next to the config."""
 
-    def __init__(self, folder: Path, *, base_url: str | None, api_key: str | None = API_KEY, **config: Any) -> None:
+    def __init__(self, folder: Path, *, base_url: str | None, api_key: str | None = API_KEY,
+                 test_timings: bool = True, **config: Any) -> None:
         self.folder = folder
         gemini = dict(config.pop("gemini", {}))
         if base_url:
             gemini["base_url"] = base_url
-        self.config_path = write_config(folder, gemini=gemini, **config)
+        self.config_path = write_config(folder, test_timings=test_timings, **({"gemini": gemini} if gemini else {}),
+                                        **config)
         self.inbox = folder / "inbox"
         self.inbox.mkdir(parents=True, exist_ok=True)
         self.log_path = folder / "daemon.log"
-        self.env = {k: v for k, v in os.environ.items() if k not in ("GEMINI_API_KEY", "GOOGLE_API_KEY")}
+        self.env = {k: v for k, v in os.environ.items()
+                    if k not in ("GEMINI_API_KEY", "GOOGLE_API_KEY", "GOOGLE_GEMINI_BASE_URL", "AUDIODROP_CONFIG")}
         if api_key:
             self.env["GEMINI_API_KEY"] = api_key
         self.process: subprocess.Popen[bytes] | None = None
@@ -64,7 +59,7 @@ class DaemonProcess:
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen([sys.executable, "-m", "daemon", "run", "--config", str(self.config_path)],
                                         cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                        preexec_fn=_die_with_parent)
+                                        preexec_fn=dying_with_parent(signal.SIGTERM))
         log.close()
         # Ready once it has written a heartbeat (the lock alone is taken before migrations run).
         def ready() -> bool:

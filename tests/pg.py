@@ -498,7 +498,7 @@ def database_name_for(test_name: str) -> str:
     return f"t_{stem}_{secrets.token_hex(3)}"
 
 
-# -- fixtures: in conftest.py, `from tests.pg import postgres_server, postgres_url  # noqa: F401` ---------
+# -- fixtures: conftest.py imports postgres_server and postgres_url from here ----------------------------
 
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[PostgresServer]:

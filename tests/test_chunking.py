@@ -8,12 +8,11 @@ from itertools import pairwise
 
 import pytest
 
-from daemon import chunking
-from daemon.chunking import (
+from daemon.prompts import chunking
+from daemon.prompts.chunking import (
     MAX_PROMPT_SECONDS,
     Chunk,
     Line,
-    chunk_for_output_budget,
     coverage,
     format_clock,
     offset_timestamps,
@@ -107,26 +106,6 @@ def test_a_lower_prompt_limit_is_respected() -> None:
 def test_a_plan_with_impossible_arguments_is_refused(arguments: dict) -> None:
     with pytest.raises(ValueError):
         plan_chunks(**arguments)
-
-
-def test_the_common_8k_output_budget_gives_chunks_of_about_twenty_minutes_whose_transcript_fits() -> None:
-    seconds = chunk_for_output_budget(8192)
-    assert 18 * 60 <= seconds <= 22 * 60
-    assert seconds / 60 * 300 <= 8192  # at the fast end of speech the transcript still fits the budget
-
-
-def test_a_large_output_budget_is_capped_at_thirty_minutes_and_a_small_one_raised_to_fifteen() -> None:
-    assert chunk_for_output_budget(65_536) == 1800
-    assert chunk_for_output_budget(2048) == 900
-
-
-def test_the_output_budget_clamp_and_speech_rate_are_settings() -> None:
-    assert chunk_for_output_budget(65_536, min_seconds=600, max_seconds=3600) == 3600
-    assert chunk_for_output_budget(8192, 200.0, min_seconds=60, max_seconds=7200) == math.floor(8192 * 0.75 / 200 * 60)
-    with pytest.raises(ValueError):
-        chunk_for_output_budget(0)
-    with pytest.raises(ValueError):
-        chunk_for_output_budget(8192, min_seconds=1800, max_seconds=900)
 
 
 # --- clock times -------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import pytest
 from daemon.config import (ConversionSettings, GeminiSettings, IntakeSettings, PromptSettings, Settings, Watch,
                            load_settings, reference_markdown, schema_keys)
 from daemon.errors import ConfigError
-from daemon.transcode import FORMATS
+from daemon.pipeline.transcode import FORMATS
 
 
 def problems(tmp_path: Path, text: str) -> list[str]:

@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 from alembic import command
 
-from daemon import doctor, watcher
+from daemon.cli import doctor
+from daemon.pipeline import watcher
 from daemon.config import Settings, load_settings
 from db.session import alembic_config, head_revision, make_engine, schema_revision, upgrade_to_head
 from tests.conftest import write_config

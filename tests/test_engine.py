@@ -14,7 +14,8 @@ import pytest
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from daemon import lifecycle, prompt_lifecycle, remote
+from daemon.pipeline import lifecycle, remote
+from daemon.prompts import lifecycle as prompt_lifecycle
 from daemon.clock import SystemClock
 from daemon.engine import Claim, Engine
 from db.models import Prompt, Recording, RecordingEvent

@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
-from daemon import lifecycle
+from daemon.pipeline import lifecycle
 from daemon.errors import IllegalTransition
-from daemon.lifecycle import TRANSITIONS, RecordingState as S
+from daemon.pipeline.lifecycle import TRANSITIONS, RecordingState as S
 from db.models import Recording, SourceAlias
 from tests.conftest import T0
 

@@ -1,4 +1,4 @@
-"""The prompt queue in process (daemon/prompts.py): what `ask` may queue and what it refuses, the token
+"""The prompt queue in process (daemon/prompts/queue.py, runner.py): what `ask` may queue and what it refuses, the token
 estimate, watch-folder prompts, the requests-per-minute limit, and how a chunked transcript survives a rate limit.
 The end-to-end behaviour (daemon, SDK, emulator) is in test_prompts_e2e.py."""
 
@@ -14,12 +14,15 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from daemon import lifecycle, prompt_lifecycle, prompts
+from daemon.pipeline import lifecycle
+from daemon.prompts import chunking
+from daemon.prompts import lifecycle as prompt_lifecycle
+from daemon.prompts import runner as prompt_runner
 from daemon.config import Settings
 from daemon.context import Context
 from daemon.errors import TransientError
 from daemon.gemini import Generation
-from daemon.prompts import QueueError, enqueue, enqueue_watch_prompts, estimate_audio_tokens, request_for
+from daemon.prompts.queue import QueueError, enqueue, enqueue_watch_prompts, estimate_audio_tokens, request_for
 from db.models import Prompt, PromptRecording, Recording
 from tests import media
 from tests.conftest import T0
@@ -253,7 +256,7 @@ def ctx(settings: Settings, sessions: sessionmaker[Session], clock: FakeClock) -
 
 
 def test_requests_per_minute_are_counted_per_model_over_a_sliding_minute(clock: FakeClock) -> None:
-    limiter = prompts.RateLimiter(clock, per_minute=3)
+    limiter = prompt_runner.RateLimiter(clock, per_minute=3)
     for _ in range(3):  # at 0, 10 and 20 s
         assert limiter.take("flash") == 0.0
         clock.advance(10)
@@ -290,7 +293,7 @@ def chunked_prompt(session: Session, settings: Settings, tmp_path: Path) -> tupl
     recording.converted_path, recording.converted_format, recording.converted_mime = str(audio), "opus", "audio/ogg"
     prompt = queue(session, settings, [recording.id], template="transcribe")
     session.commit()
-    chunks = len(prompts.chunking.plan_chunks(7.0, chunk_seconds=2.0, overlap_seconds=0.5))
+    chunks = len(chunking.plan_chunks(7.0, chunk_seconds=2.0, overlap_seconds=0.5))
     return prompt, chunks
 
 
@@ -298,7 +301,7 @@ def run_until_done(sessions: sessionmaker[Session], ctx: Context, prompt_id: int
                    minutes: float, recheck: float = 10.0) -> str:
     """Claim and run the prompt again and again, as the engine does when it is due, for `minutes` of (fake)
     time; every 10 s here comes to the same as waking at each due time, in fewer runs (each run cuts audio)."""
-    limiter = prompts.RateLimiter(clock, ctx.settings.prompts.requests_per_minute)
+    limiter = prompt_runner.RateLimiter(clock, ctx.settings.prompts.requests_per_minute)
     deadline = clock.now() + timedelta(minutes=minutes)
     while clock.now() < deadline:
         with sessions() as session, session.begin():
@@ -306,7 +309,7 @@ def run_until_done(sessions: sessionmaker[Session], ctx: Context, prompt_id: int
             token = None if due and due > clock.now() else prompt_lifecycle.claim(
                 session, prompt_id, now=clock.now(), holder="test", until=clock.now() + timedelta(minutes=1))
         if token is not None:
-            prompts.run_prompt(ctx, prompt_id, token, limiter)
+            prompt_runner.run_prompt(ctx, prompt_id, token, limiter)
         with sessions() as session:
             state = session.get(Prompt, prompt_id).state  # type: ignore[union-attr]
         if state != "queued":
@@ -323,7 +326,7 @@ def test_a_chunked_transcript_with_no_more_chunks_than_the_rate_limit_completes(
     prompt, chunks = chunked_prompt(session, settings, tmp_path)
     with sessions() as other, other.begin():
         other.get(Prompt, prompt.id).chunk_seconds = 3.0  # type: ignore[union-attr]
-    expected = len(prompts.chunking.plan_chunks(7.0, chunk_seconds=3.0, overlap_seconds=0.5))
+    expected = len(chunking.plan_chunks(7.0, chunk_seconds=3.0, overlap_seconds=0.5))
     assert expected <= settings.prompts.requests_per_minute < chunks
 
     assert run_until_done(sessions, ctx, prompt.id, clock, minutes=1) == "done"
@@ -349,7 +352,7 @@ def test_a_rate_limit_on_a_late_chunk_does_not_resend_the_chunks_already_answere
     prompt, _ = chunked_prompt(session, settings, tmp_path)
     with sessions() as other, other.begin():
         other.get(Prompt, prompt.id).chunk_seconds = 3.0  # type: ignore[union-attr]
-    chunks = len(prompts.chunking.plan_chunks(7.0, chunk_seconds=3.0, overlap_seconds=0.5))
+    chunks = len(chunking.plan_chunks(7.0, chunk_seconds=3.0, overlap_seconds=0.5))
     rate_limited = TransientError("prompt to gemini-2.5-flash: 429 RESOURCE_EXHAUSTED", "retried automatically",
                                   retry_after=1.0)
     client = FakeClient(clock, fail=lambda n: rate_limited if n == chunks else None)  # the last chunk, once

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from daemon import chunking
+from daemon.prompts import chunking
 from tests import media
 from tests.emulator import ApiError, Emulator, Fault, GenerateRecord
 from tests.harness import API_KEY, DaemonProcess, run_cli, wait_until

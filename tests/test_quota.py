@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from daemon.quota import Ledger, Resident, choose_evictions
+from daemon.pipeline.quota import Ledger, Resident, choose_evictions
 from tests.conftest import T0
 
 

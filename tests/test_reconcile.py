@@ -13,11 +13,12 @@ from google.genai import types
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from daemon import lifecycle, remote
+from daemon.pipeline import lifecycle, remote
 from daemon.config import Settings
 from daemon.context import Context
 from daemon.gemini import GeminiClient, display_name_for
-from daemon.lifecycle import RecordingState as S
+from daemon.pipeline.lifecycle import RecordingState as S
+from db import queries
 from db.models import DaemonState, Recording
 from db.session import session_scope
 from tests import media
@@ -116,7 +117,7 @@ def test_orphans_of_ours_are_deleted_and_other_files_are_never_touched(ctx: Cont
 
 def test_a_file_gone_from_the_server_becomes_expired(ctx: Context, sdk: genai.Client, tmp_path: Path,
                                                      sessions: sessionmaker[Session]) -> None:
-    from daemon import uploader
+    from daemon.pipeline import upload as uploader
 
     with sessions() as session:
         recording = converted_recording(session, tmp_path, "talk")
@@ -140,7 +141,7 @@ def test_a_file_gone_from_the_server_becomes_expired(ctx: Context, sdk: genai.Cl
 def test_an_upload_that_finishes_while_the_list_is_read_is_not_taken_for_gone(
         ctx: Context, sdk: genai.Client, tmp_path: Path, sessions: sessionmaker[Session]) -> None:
     """The database is read before files.list: an upload finishing in between is not marked gone."""
-    from daemon import uploader
+    from daemon.pipeline import upload as uploader
 
     with sessions() as session:
         recording = converted_recording(session, tmp_path, "late")
@@ -161,4 +162,4 @@ def test_an_upload_that_finishes_while_the_list_is_read_is_not_taken_for_gone(
     with sessions() as session:
         current = session.get(Recording, recording.id)
         assert current is not None and current.state in ("processing", "active"), [e.reason for e in current.events]
-        assert remote.ours_bytes(session) == current.remote_bytes
+        assert queries.ours_bytes(session) == current.remote_bytes

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon import results
-from daemon.results import (
+from daemon.prompts import results
+from daemon.prompts.results import (
     MAX_NAME_BYTES,
     remove_stale_temps,
     render_markdown,
@@ -290,7 +290,8 @@ def test_render_markdown_flags_an_incomplete_answer_shows_the_span_and_the_corre
 
 
 def test_result_modules_import_no_sdk_database_or_watcher_library() -> None:
-    code = ("import sys, daemon.chunking, daemon.results; "
+    code = ("import sys, daemon.prompts.chunking, daemon.prompts.results, daemon.prompts.subtitles, "
+            "daemon.prompts.speakers; "
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'google', 'sqlalchemy', 'watchdog', 'db'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -337,7 +337,7 @@ def test_a_key_written_while_running_is_used_after_a_reload(tmp_path: Path, emul
 
 def test_ffmpeg_and_ffprobe_run_without_the_api_key_in_their_environment(tmp_path: Path,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    from daemon import transcode
+    from daemon.pipeline import transcode
 
     seen = tmp_path / "environments.txt"
     wrappers = {}

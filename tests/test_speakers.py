@@ -7,9 +7,9 @@ import random
 
 import pytest
 
-from daemon import speakers
-from daemon.chunking import Chunk, Line, format_clock, parse_transcript, plan_chunks, stitch
-from daemon.speakers import agreement, align, known_speakers_note, on_timeline, relabel, relabel_chunks
+from daemon.prompts import speakers
+from daemon.prompts.chunking import Chunk, Line, format_clock, parse_transcript, plan_chunks, stitch
+from daemon.prompts.speakers import agreement, align, known_speakers_note, on_timeline, relabel, relabel_chunks
 
 WORDS = ("budget timeline river table morning window station garden letter number market signal doctor "
          "history engine paper summer winter island forest bridge camera office planet mirror lesson travel "

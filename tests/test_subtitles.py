@@ -13,9 +13,9 @@ import pytest
 import srt
 import webvtt
 
-from daemon import subtitles
-from daemon.chunking import Line, parse_transcript
-from daemon.subtitles import Cue, cues, to_srt, to_vtt
+from daemon.prompts import subtitles
+from daemon.prompts.chunking import Line, parse_transcript
+from daemon.prompts.subtitles import Cue, cues, to_srt, to_vtt
 
 HOUR = 3600.0
 MILLISECOND = timedelta(milliseconds=1)

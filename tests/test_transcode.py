@@ -1,4 +1,4 @@
-"""daemon.transcode against the real ffmpeg/ffprobe, on real files made in tmp_path by tests/media.py."""
+"""daemon.pipeline.transcode against the real ffmpeg/ffprobe, on real files made in tmp_path by tests/media.py."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from daemon import transcode
+from daemon.pipeline import transcode
 from daemon.errors import RejectedInput, TranscodeError, TransientError
-from daemon.transcode import FORMATS, convert, cut, probe
+from daemon.pipeline.transcode import FORMATS, convert, cut, probe
 from tests import media
 
 pytestmark = pytest.mark.skipif(not (shutil.which("ffmpeg") and shutil.which("ffprobe")), reason="needs ffmpeg")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from daemon.config import Settings
-from daemon.watcher import Hint, Watcher, filesystem_type
+from daemon.pipeline.watcher import Hint, Watcher, filesystem_type
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from daemon.errors import IllegalTransition
 from db.models import Prompt, PromptEvent
+from db.session import rowcount
 from db.states import PromptState
 
 P = PromptState
@@ -48,7 +49,7 @@ def advance(session: Session, prompt_id: int, *, expected: PromptState, to: Prom
         changes.update(claimed_by=None, claimed_until=None)
     result = session.execute(update(Prompt).where(*conditions).values(state=to, **changes)
                              .execution_options(synchronize_session=False))
-    if not result.rowcount:
+    if not rowcount(result):
         return False
     session.add(PromptEvent(prompt_id=prompt_id, at=now, from_state=expected.value, to_state=to.value,
                             reason=reason))
@@ -65,7 +66,7 @@ def claim(session: Session, prompt_id: int, *, now: datetime, holder: str, until
         update(Prompt).where(Prompt.id == prompt_id, Prompt.state == P.QUEUED, free)
         .values(state=P.RUNNING, claimed_by=holder, claimed_until=until, claim_token=Prompt.claim_token + 1)
         .execution_options(synchronize_session=False))
-    if not result.rowcount:
+    if not rowcount(result):
         return None
     started = session.scalar(select(Prompt.started_at).where(Prompt.id == prompt_id))
     if started is None:

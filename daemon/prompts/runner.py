@@ -28,25 +28,27 @@ from typing import Any
 
 from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm import Session
 
-from daemon import chunking, lifecycle, policy, prompt_lifecycle, remote, results, transcode
+from daemon import policy
 from daemon.clock import Clock
-from daemon.config import Settings, Template
+from daemon.config import Settings
 from daemon.context import Context
 from daemon.engine import Claim
 from daemon.errors import GenerationTimeout, PermanentError, TransientError
 from daemon.gemini import FilePart, Generation, InlinePart
+from daemon.pipeline import lifecycle, remote, transcode
 from daemon.policy import Action
+from daemon.prompts import chunking, results
+from daemon.prompts import lifecycle as prompt_lifecycle
+from daemon.prompts.queue import planned_delivery
 from db.models import Prompt, PromptPart, PromptRecording, Recording, TokenUsage
-from db.session import session_scope
+from db.session import rowcount, session_scope
 from db.states import PromptState as P
 from db.states import RecordingState as S
 
 log = logging.getLogger(__name__)
 
-AUDIO_TOKENS_PER_SECOND = 32
-MAX_PROMPT_SECONDS = chunking.MAX_PROMPT_SECONDS
 MIN_CHUNK_SECONDS = 120.0
 # A transcript whose timestamps stop before this share of its audio is flagged: its end may be missing.
 LOW_COVERAGE = 0.8
@@ -55,113 +57,6 @@ FILES_RECHECK_SECONDS = 60.0
 # Generations that run out of generate_timeout_seconds: each may have been billed, so only this many are tried.
 MAX_GENERATION_TIMEOUTS = 2
 RESULT_FILES_RETRY_SECONDS = 15.0
-
-
-def estimate_audio_tokens(seconds: float) -> int:
-    return math.ceil(seconds * AUDIO_TOKENS_PER_SECOND)
-
-
-class QueueError(ValueError):
-    """A prompt that cannot be queued; the message says why."""
-
-
-@dataclass(frozen=True)
-class Request:
-    recording_ids: list[int]
-    prompt_text: str
-    template: str | None
-    model: str
-    system_instruction: str | None
-    output_format: str
-    span: tuple[float, float] | None = None
-
-
-def request_for(settings: Settings, recording_ids: list[int], *, template: str | None = None,
-                prompt_text: str | None = None, model: str | None = None,
-                span: tuple[float, float] | None = None) -> Request:
-    """A prompt request from a template name or a free text (exactly one of them)."""
-    if (template is None) == (prompt_text is None):
-        raise QueueError("give either a template or a prompt text")
-    chosen: Template | None = None
-    if template is not None:
-        if template not in settings.templates:
-            raise QueueError(f"no template named {template!r} (known: {', '.join(sorted(settings.templates))})")
-        chosen = settings.templates[template]
-    text = chosen.prompt if chosen else str(prompt_text)
-    return Request(recording_ids=recording_ids, prompt_text=text, template=template,
-                   model=model or (chosen.model if chosen and chosen.model else settings.gemini.model),
-                   system_instruction=chosen.system_instruction if chosen else None,
-                   output_format=chosen.output_format if chosen else "markdown", span=span)
-
-
-def check(session: Session, request: Request) -> int | None:
-    """Check a request against its recordings and the 9.5-hour limit (QueueError says what is wrong). Returns the
-    estimated audio tokens, when the recordings' durations are known."""
-    if not request.recording_ids:
-        raise QueueError("name at least one recording")
-    if len(set(request.recording_ids)) != len(request.recording_ids):
-        raise QueueError("a recording is named twice")
-    recordings = [session.get(Recording, rid) for rid in request.recording_ids]
-    for rid, recording in zip(request.recording_ids, recordings, strict=True):
-        if recording is None:
-            raise QueueError(f"no recording with id {rid}")
-        if recording.state == S.REJECTED:
-            raise QueueError(f"recording {rid} was rejected ({recording.error}); it cannot be prompted")
-    durations = [r.duration_seconds for r in recordings if r is not None]
-    seconds = None if None in durations else float(sum(d or 0 for d in durations))
-    if request.span is not None:
-        start, end = request.span
-        if len(recordings) != 1:
-            raise QueueError("--from/--to apply to one recording")
-        if not 0 <= start < end:
-            raise QueueError(f"the span {chunking.format_clock(start)}-{chunking.format_clock(end)} is empty")
-        if seconds is not None and start >= seconds:
-            raise QueueError(f"the span starts after the end of the recording ({chunking.format_clock(seconds)})")
-        # --from without --to runs to the end of the recording (an infinite end), unknown until it is converted.
-        if seconds is not None or math.isfinite(end):
-            seconds = min(end, seconds if seconds is not None else end) - start
-    splittable = request.template == "transcribe" and len(recordings) == 1 and request.span is None
-    if seconds is not None and seconds > MAX_PROMPT_SECONDS and not splittable:
-        raise QueueError(f"{seconds / 3600:.1f} hours of audio is more than the 9.5 hours one prompt may hold; "
-                         "ask over fewer recordings or a --from/--to span")
-    return estimate_audio_tokens(seconds) if seconds is not None else None
-
-
-def enqueue(session: Session, request: Request, *, now: datetime, reason: str = "queued") -> Prompt:
-    """Queue a prompt after checking its recordings and the 9.5-hour limit."""
-    estimate = check(session, request)
-    prompt = Prompt(state=P.QUEUED, template=request.template, prompt_text=request.prompt_text,
-                    system_instruction=request.system_instruction, model=request.model,
-                    output_format=request.output_format,
-                    span_start_seconds=request.span[0] if request.span else None,
-                    span_end_seconds=request.span[1] if request.span and math.isfinite(request.span[1]) else None,
-                    estimated_audio_tokens=estimate, created_at=now, attempts=0)
-    session.add(prompt)
-    session.flush()
-    for position, rid in enumerate(request.recording_ids):
-        session.add(PromptRecording(prompt_id=prompt.id, recording_id=rid, position=position))
-    prompt_lifecycle.created(session, prompt, now=now, reason=reason)
-    session.flush()
-    return prompt
-
-
-def enqueue_watch_prompts(session: Session, settings: Settings, recording: Recording, *, now: datetime) -> None:
-    """The prompts of the recording's drop folder, once per recording."""
-    watch = next((w for w in settings.watches if str(w.path) == recording.watch_root), None)
-    if watch is None or not watch.prompts:
-        return
-    if session.scalar(select(PromptRecording.prompt_id).where(PromptRecording.recording_id == recording.id).limit(1)):
-        return
-    for name in watch.prompts:
-        enqueue(session, request_for(settings, [recording.id], template=name), now=now,
-                reason=f"queued for the drop folder {watch.path}")
-
-
-def recording_ready(session: Session, recording_id: int) -> None:
-    """A recording was converted or became ACTIVE: prompts waiting for their files look again now."""
-    waiting = select(PromptRecording.prompt_id).where(PromptRecording.recording_id == recording_id)
-    session.execute(update(Prompt).where(Prompt.id.in_(waiting), Prompt.state == P.QUEUED, Prompt.wait_kind == "files")
-                    .values(next_attempt_at=None).execution_options(synchronize_session=False))
 
 
 class NotReady(Exception):
@@ -226,7 +121,7 @@ class PromptKind:
         return self.ctx.settings.prompts.workers
 
     def claim(self, session: Session, now: datetime, limit: int) -> list[Claim]:
-        if self.ctx.client is None or self.ctx.waiting.paused(now):
+        if self.ctx.client is None or self.ctx.pauses.paused(now):
             return []
         query = (select(Prompt.id).where(Prompt.state == P.QUEUED,
                                          or_(Prompt.next_attempt_at.is_(None), Prompt.next_attempt_at <= now),
@@ -244,8 +139,8 @@ class PromptKind:
     def next_due(self, session: Session, now: datetime) -> datetime | None:
         if self.ctx.client is None:
             return None
-        if self.ctx.waiting.paused(now):
-            return self.ctx.waiting.resume_at()
+        if self.ctx.pauses.paused(now):
+            return self.ctx.pauses.resume_at()
         return session.scalar(select(func.min(Prompt.next_attempt_at)).where(Prompt.state == P.QUEUED))
 
     def run(self, claim: Claim) -> None:
@@ -327,25 +222,6 @@ def _thinking_budget(ctx: Context) -> int | None:
     return None if budget < 0 else budget
 
 
-def planned_delivery(settings: Settings, prompt: Prompt, recordings: list[Recording], *, shared: bool) -> str:
-    """How the prompt's audio will travel: "span" and "chunks" are cut locally, "inline" goes in the request,
-    "files" needs live remote copies. `shared`: another queued prompt needs the same recording."""
-    single = recordings[0] if len(recordings) == 1 else None
-    if single is None:
-        return "files"
-    if prompt.span_start_seconds is not None:
-        return "span"
-    chunk_seconds = prompt.chunk_seconds or settings.prompts.chunk_seconds
-    if prompt.template == "transcribe" and (single.duration_seconds or 0) > chunk_seconds * 1.1:
-        return "chunks"
-    # Inline saves a (re-)upload for a small recording whose remote copy is not live and no other prompt needs.
-    request_bytes = math.ceil((single.converted_bytes or 0) * 4 / 3) + len(prompt.prompt_text.encode()) + 4096
-    if settings.prompts.inline == "auto" and not shared and single.state != S.ACTIVE \
-            and single.converted_bytes and request_bytes <= settings.prompts.inline_limit_bytes:
-        return "inline"
-    return "files"
-
-
 def parts_to_count(settings: Settings, prompt: Prompt, recordings: list[Recording],
                    scratch: Path) -> list[FilePart | InlinePart]:
     """The audio of a prompt as countTokens can take it without uploading anything: live remote files, else the
@@ -373,26 +249,6 @@ def parts_to_count(settings: Settings, prompt: Prompt, recordings: list[Recordin
             raise NotReady("the audio that is not uploaded is too large to count inline")
         parts.append(InlinePart(data, recording.converted_mime or "audio/ogg"))
     return parts
-
-
-def needs_remote_copies(session: Session, settings: Settings) -> set[int]:
-    """Recordings whose remote copy a queued or running prompt will use: never evicted, re-uploaded when expired.
-    Every upload claim asks, so it reads in three queries however long the queue is."""
-    active_prompts = session.scalars(select(Prompt).options(selectinload(Prompt.recordings))
-                                     .where(Prompt.state.in_((P.QUEUED, P.RUNNING)))).all()
-    users: dict[int, int] = defaultdict(int)
-    for prompt in active_prompts:
-        for link in prompt.recordings:
-            users[link.recording_id] += 1
-    by_id = {r.id: r for r in session.scalars(select(Recording).where(Recording.id.in_(users)))}
-    needed: set[int] = set()
-    for prompt in active_prompts:
-        ids = [link.recording_id for link in prompt.recordings]
-        recordings = [by_id[rid] for rid in ids if rid in by_id]
-        shared = any(users[rid] > 1 for rid in ids)
-        if planned_delivery(settings, prompt, recordings, shared=shared) == "files":
-            needed.update(ids)
-    return needed
 
 
 def _shared(ctx: Context, job: Job) -> bool:
@@ -468,7 +324,7 @@ def _generate(ctx: Context, job: Job, parts: list[FilePart | InlinePart | str], 
                                      max_output_tokens=_budget(ctx, prompt),
                                      thinking_budget=_thinking_budget(ctx),
                                      timeout_seconds=ctx.settings.prompts.generate_timeout_seconds)
-    ctx.waiting.clear_network_problems()
+    ctx.pauses.clear_network_problems()
     _record_usage(ctx, prompt, generation)
     if generation.finish_reason != "STOP":
         raise Truncated(f"the answer stopped early (finish reason {generation.finish_reason})")
@@ -605,7 +461,7 @@ def _handle_error(ctx: Context, job: Job, err: BaseException) -> None:
         return _requeue(ctx, job, "the API refused the audio format; converting to the fallback format", None,
                         wait_kind="files")
     if decision.action in (Action.WAIT_OFFLINE, Action.WAIT_AUTH, Action.MAKE_ROOM):
-        ctx.waiting.note(decision, now)
+        ctx.pauses.pause_for(decision, now)
         return _requeue(ctx, job, decision.error, decision.retry_at or now)
     if decision.action is Action.RETRY_LATER:
         internal_errors = prompt.internal_errors + 1 if isinstance(err, TransientError) and err.status == 500 else 0
@@ -788,7 +644,7 @@ class ResultFilesKind:
             taken = session.execute(update(Prompt).where(Prompt.id == prompt_id, Prompt.claim_token == token)
                                     .values(claimed_by=self.ctx.holder, claimed_until=self.lease(now),
                                             claim_token=token + 1).execution_options(synchronize_session=False))
-            if taken.rowcount:
+            if rowcount(taken):
                 claims.append(Claim(self.name, Prompt, prompt_id, token + 1))
         return claims
 

@@ -13,14 +13,17 @@ from typing import Any
 from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from daemon import lifecycle, policy, prompts, quota
+from daemon import policy
 from daemon.context import Context
 from daemon.engine import Claim
 from daemon.errors import RemoteFileGone
 from daemon.gemini import RemoteFile, display_prefix
+from daemon.pipeline import lifecycle, quota
 from daemon.policy import Action
+from daemon.prompts import queue as prompt_queue
+from db import queries
 from db.models import DaemonState, PeriodicJob, Recording, RemoteDeletion
-from db.session import session_scope
+from db.session import rowcount, session_scope
 from db.states import RecordingState as S
 
 log = logging.getLogger(__name__)
@@ -30,40 +33,30 @@ ALIVE = (S.PROCESSING, S.ACTIVE)
 
 # -- the ledger ---------------------------------------------------------------------------------------------
 
-def ours_bytes(session: Session) -> int:
-    """Our bytes on the server: live copies, uploads in flight (reserved at their claim), copies being deleted."""
-    live = session.scalar(select(func.coalesce(func.sum(Recording.remote_bytes), 0))
-                          .where(Recording.state.in_(ALIVE)))
-    in_flight = session.scalar(select(func.coalesce(func.sum(Recording.converted_bytes), 0))
-                               .where(Recording.state == S.UPLOADING))
-    leaving = session.scalar(select(func.coalesce(func.sum(RemoteDeletion.remote_bytes), 0)))
-    return int(live or 0) + int(in_flight or 0) + int(leaving or 0)
-
-
 def ledger(ctx: Context, session: Session) -> quota.Ledger:
     state = session.get(DaemonState, 1)
     gemini = ctx.settings.gemini
     return quota.Ledger(limit_bytes=gemini.storage_limit_bytes, headroom_bytes=gemini.storage_headroom_bytes,
-                        ours_bytes=ours_bytes(session), foreign_bytes=(state.foreign_bytes or 0) if state else 0)
+                        ours_bytes=queries.ours_bytes(session), foreign_bytes=(state.foreign_bytes or 0) if state else 0)
 
 
 def make_room(ctx: Context, session: Session, size: int, *, now: datetime, evict: bool = True) -> bool:
     """True when `size` more bytes fit under the limit now. Otherwise, if `evict`, our least recently needed
     copies that no prompt needs are chosen, marked expired and queued for deletion (in this transaction; the
-    deletions run afterwards), and the upload waits for them. False, with the reason in `ctx.waiting`."""
+    deletions run afterwards), and the upload waits for them. False, with the reason in `ctx.pauses`."""
     current = ledger(ctx, session)
     if current.fits(size):
-        ctx.waiting.storage_note = None
+        ctx.pauses.storage_note = None
         return True
     if not evict:
         return False
-    pinned = prompts.needs_remote_copies(session, ctx.settings)
+    pinned = prompt_queue.needs_remote_copies(session, ctx.settings)
     active = session.scalars(select(Recording).where(Recording.state == S.ACTIVE, lifecycle.is_free(now))).all()
     residents = [quota.Resident(r.id, r.remote_bytes or 0, r.last_needed_at, r.uploaded_at, r.id in pinned)
                  for r in active]
     chosen = quota.choose_evictions(residents, needed_bytes=size, free_bytes=current.free_bytes)
     if chosen is None:
-        ctx.waiting.storage_note = (f"waiting for storage: {size / 1e6:.1f} MB to upload, "
+        ctx.pauses.storage_note = (f"waiting for storage: {size / 1e6:.1f} MB to upload, "
                                     f"{max(current.free_bytes, 0) / 1e6:.1f} MB free of "
                                     f"{ctx.settings.gemini.storage_limit_bytes / 1e6:.1f} MB, and every upload of "
                                     "ours is needed by a prompt")
@@ -74,7 +67,7 @@ def make_room(ctx: Context, session: Session, size: int, *, now: datetime, evict
                                                                        "is deleted to make room)"):
             queue_deletion(session, recording, reason="evicted for quota", now=now)
             log.info("recording %d: evicting %s for quota", recording.id, recording.remote_name)
-    ctx.waiting.storage_note = None
+    ctx.pauses.storage_note = None
     ctx.wake("delete")  # runs once this transaction is committed: the claims come first in the dispatcher
     return False
 
@@ -109,7 +102,7 @@ class DeleteKind:
         return 2
 
     def claim(self, session: Session, now: datetime, limit: int) -> list[Claim]:
-        if self.ctx.client is None or self.ctx.waiting.paused(now):
+        if self.ctx.client is None or self.ctx.pauses.paused(now):
             return []
         due = session.scalars(select(RemoteDeletion).where(
             or_(RemoteDeletion.next_attempt_at.is_(None), RemoteDeletion.next_attempt_at <= now),
@@ -122,7 +115,7 @@ class DeleteKind:
                                      .values(claimed_by=self.ctx.holder, claimed_until=self.lease(now),
                                              claim_token=row.claim_token + 1)
                                      .execution_options(synchronize_session=False))
-            if result.rowcount:
+            if rowcount(result):
                 claims.append(Claim(self.name, RemoteDeletion, row.id, row.claim_token + 1,
                                     {"name": row.remote_name, "attempts": row.attempts}))
         return claims
@@ -130,8 +123,8 @@ class DeleteKind:
     def next_due(self, session: Session, now: datetime) -> datetime | None:
         if self.ctx.client is None:
             return None
-        if self.ctx.waiting.paused(now):
-            return self.ctx.waiting.resume_at()
+        if self.ctx.pauses.paused(now):
+            return self.ctx.pauses.resume_at()
         return session.scalar(select(func.min(RemoteDeletion.next_attempt_at))
                               .where(RemoteDeletion.next_attempt_at > now))
 
@@ -145,7 +138,7 @@ class DeleteKind:
         except Exception as err:
             self._failed(claim, err)
             return
-        self.ctx.waiting.clear_network_problems()
+        self.ctx.pauses.clear_network_problems()
         with session_scope(self.ctx.sessions) as session:
             session.execute(delete(RemoteDeletion).where(RemoteDeletion.id == claim.key,
                                                          RemoteDeletion.claim_token == claim.token))
@@ -157,7 +150,7 @@ class DeleteKind:
         attempts = claim.data["attempts"] + 1
         decision = policy.decide(err, attempts=attempts, now=now)
         if decision.action in (Action.WAIT_OFFLINE, Action.WAIT_AUTH):
-            self.ctx.waiting.note(decision, now)
+            self.ctx.pauses.pause_for(decision, now)
         when = decision.retry_at or policy.backoff(now, attempts)
         with session_scope(self.ctx.sessions) as session:
             session.execute(update(RemoteDeletion).where(RemoteDeletion.id == claim.key,
@@ -177,7 +170,7 @@ class DeletionSweeper:
             result = session.execute(update(table).where(table.claimed_by.is_not(None), dead(table))
                                      .values(claimed_by=None, claimed_until=None)
                                      .execution_options(synchronize_session=False))
-            taken += int(result.rowcount or 0)
+            taken += rowcount(result)
         return taken
 
 
@@ -245,9 +238,9 @@ def reconcile(ctx: Context) -> None:
             state.foreign_bytes = foreign
             state.remote_used_bytes = sum(f.size_bytes for f in remote_files)
             state.reconciled_at = now
-        fits = ledger(ctx, session).fits(ctx.waiting.refused_bytes)
-    ctx.waiting.clear_network_problems()
-    ctx.waiting.storage_reconciled(fits)
+        fits = ledger(ctx, session).fits(ctx.pauses.refused_bytes)
+    ctx.pauses.clear_network_problems()
+    ctx.pauses.storage_reconciled(fits)
     ctx.wake("upload", "delete")
 
 

@@ -23,8 +23,8 @@ from pathlib import Path
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from daemon import lifecycle
 from daemon.config import IntakeSettings, Settings, Watch
+from daemon.pipeline import lifecycle
 from db.models import Recording, SourceAlias
 from db.session import session_scope
 from db.states import RecordingState as S
@@ -178,10 +178,10 @@ def observe(session: Session, found: Candidate, *, closed: bool, now: datetime,
     changed = (pending.source_size, pending.source_mtime_ns) != (found.size, found.mtime_ns)
     if changed:
         # Still being written: the quiet period starts again; a close counts only after the last change.
-        values = dict(source_size=found.size, source_mtime_ns=found.mtime_ns, source_dev=found.dev,
-                      source_ino=found.ino, last_change_at=quiet_since, closed_after_write=closed or complete)
+        values = {"source_size": found.size, "source_mtime_ns": found.mtime_ns, "source_dev": found.dev,
+                      "source_ino": found.ino, "last_change_at": quiet_since, "closed_after_write": closed or complete}
     elif (closed or complete) and not pending.closed_after_write:
-        values = dict(closed_after_write=True, last_change_at=quiet_since if complete else pending.last_change_at)
+        values = {"closed_after_write": True, "last_change_at": quiet_since if complete else pending.last_change_at}
     else:
         return pending
     session.execute(update(Recording).where(Recording.id == pending.id).values(**values)

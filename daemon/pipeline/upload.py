@@ -16,12 +16,14 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from daemon import lifecycle, policy, prompts, quota, remote
+from daemon import policy
 from daemon.context import Context
 from daemon.engine import Claim
 from daemon.errors import PermanentError
 from daemon.gemini import RemoteFile, display_name_for
+from daemon.pipeline import lifecycle, quota, remote
 from daemon.policy import Action
+from daemon.prompts import queue as prompt_queue
 from db.models import Recording
 from db.session import session_scope
 from db.states import RecordingState as S
@@ -50,7 +52,7 @@ class UploadKind:
 
     def claim(self, session: Session, now: datetime, limit: int) -> list[Claim]:
         ctx = self.ctx
-        if ctx.client is None or ctx.waiting.paused(now, upload=True):
+        if ctx.client is None or ctx.pauses.paused(now, upload=True):
             return []
         claims: list[Claim] = []
         # Uploads interrupted earlier come first: they may have reached the server (their bytes are reserved).
@@ -85,7 +87,7 @@ class UploadKind:
         one claim can start are read: the history of expired recordings grows without end."""
         if limit <= 0:
             return []
-        pinned = prompts.needs_remote_copies(session, self.ctx.settings)
+        pinned = prompt_queue.needs_remote_copies(session, self.ctx.settings)
         needed = session.scalars(self._query(S.EXPIRED, now).where(Recording.id.in_(pinned)).limit(limit)).all()
         converted = session.scalars(self._query(S.CONVERTED, now).limit(limit)).all()
         resident: list[Recording] = []
@@ -97,9 +99,9 @@ class UploadKind:
     def next_due(self, session: Session, now: datetime) -> datetime | None:
         if self.ctx.client is None:
             return None
-        if self.ctx.waiting.paused(now, upload=True):
-            return self.ctx.waiting.resume_at(upload=True)
-        if self.ctx.waiting.storage_note:  # waiting for room: events bring it, this only bounds a lost one
+        if self.ctx.pauses.paused(now, upload=True):
+            return self.ctx.pauses.resume_at(upload=True)
+        if self.ctx.pauses.storage_note:  # waiting for room: events bring it, this only bounds a lost one
             return now + timedelta(seconds=STORAGE_RECHECK_SECONDS)
         return None  # new uploads appear through events: a conversion, a retry, a prompt, freed room
 
@@ -143,15 +145,15 @@ def upload_recording(ctx: Context, recording_id: int, token: int, *, resuming: b
         handle_failure(ctx, recording_id, token, S.UPLOADING, err, attempts + 1, missing_copy=not path.is_file(),
                        size=size)
         return
-    ctx.waiting.clear_network_problems()
-    ctx.waiting.upload_succeeded()
+    ctx.pauses.clear_network_problems()
+    ctx.pauses.upload_succeeded()
     record_remote(ctx, recording_id, token, S.UPLOADING, uploaded)
 
 
 def record_remote(ctx: Context, recording_id: int, token: int, current: S, uploaded: RemoteFile) -> None:
     """The server's answer about an upload: ACTIVE, FAILED, or still PROCESSING (looked at again later)."""
-    fields: dict[str, Any] = dict(remote_name=uploaded.name, remote_uri=uploaded.uri,
-                                  remote_bytes=uploaded.size_bytes, remote_expires_at=uploaded.expires_at)
+    fields: dict[str, Any] = {"remote_name": uploaded.name, "remote_uri": uploaded.uri,
+                                  "remote_bytes": uploaded.size_bytes, "remote_expires_at": uploaded.expires_at}
     now = ctx.now()
     poll = timedelta(seconds=ctx.settings.gemini.processing_poll_seconds)
     with session_scope(ctx.sessions) as session:
@@ -161,7 +163,7 @@ def record_remote(ctx: Context, recording_id: int, token: int, current: S, uploa
             if lifecycle.advance(session, recording_id, expected=current, to=S.ACTIVE, now=now, token=token,
                                  release=True, reason=f"{uploaded.name} is ACTIVE, expires {expires}", error=None,
                                  attempts=0, next_attempt_at=None, **extra, **fields):
-                prompts.recording_ready(session, recording_id)
+                prompt_queue.recording_ready(session, recording_id)
                 log.info("recording %d: %s ACTIVE", recording_id, uploaded.name)
         elif uploaded.state == "FAILED":
             message = uploaded.error or "the server could not process the file"
@@ -191,7 +193,7 @@ class ProcessingKind:
         return 1
 
     def claim(self, session: Session, now: datetime, limit: int) -> list[Claim]:
-        if self.ctx.client is None or self.ctx.waiting.paused(now):
+        if self.ctx.client is None or self.ctx.pauses.paused(now):
             return []
         due = session.scalars(select(Recording).where(
             Recording.state == S.PROCESSING, lifecycle.is_free(now),
@@ -208,8 +210,8 @@ class ProcessingKind:
     def next_due(self, session: Session, now: datetime) -> datetime | None:
         if self.ctx.client is None:
             return None
-        if self.ctx.waiting.paused(now):
-            return self.ctx.waiting.resume_at()
+        if self.ctx.pauses.paused(now):
+            return self.ctx.pauses.resume_at()
         return session.scalar(select(func.min(Recording.next_attempt_at)).where(Recording.state == S.PROCESSING))
 
     def run(self, claim: Claim) -> None:
@@ -226,7 +228,7 @@ class ProcessingKind:
         except Exception as err:
             self._check_failed(claim, err, attempts + 1)
             return
-        ctx.waiting.clear_network_problems()
+        ctx.pauses.clear_network_problems()
         if current.state == "PROCESSING" and uploaded_at and ctx.now() - uploaded_at > timeout:
             self._stuck(claim, current, attempts + 1, timeout)
             return
@@ -253,7 +255,7 @@ class ProcessingKind:
         ctx, now = self.ctx, self.ctx.now()
         decision = policy.decide(err, attempts=attempts, now=now)
         if decision.action in (Action.WAIT_OFFLINE, Action.WAIT_AUTH):
-            ctx.waiting.note(decision, now)
+            ctx.pauses.pause_for(decision, now)
         with session_scope(ctx.sessions) as session:
             if decision.action is Action.REUPLOAD:
                 lifecycle.advance(session, claim.key, expected=S.PROCESSING, to=S.EXPIRED, now=now,
@@ -275,7 +277,7 @@ def handle_failure(ctx: Context, recording_id: int, token: int, current: S, err:
     decision = policy.decide(err, attempts=attempts, now=now)
     if decision.action in (Action.WAIT_OFFLINE, Action.WAIT_AUTH, Action.MAKE_ROOM):
         # Not this recording's fault: it waits while the whole upload queue pauses.
-        ctx.waiting.note(decision, now, refused_bytes=size, quota_pause=ctx.settings.gemini.storage_retry_seconds)
+        ctx.pauses.pause_for(decision, now, refused_bytes=size, quota_pause=ctx.settings.gemini.storage_retry_seconds)
         if decision.action is Action.MAKE_ROOM:
             ctx.wake("reconcile")  # learn what else occupies the project's storage
         with session_scope(ctx.sessions) as session:
@@ -284,7 +286,7 @@ def handle_failure(ctx: Context, recording_id: int, token: int, current: S, err:
                                   release=True, reason=f"upload waits: {decision.error}")
             else:
                 lifecycle.update_claimed(session, recording_id, token, release=True,
-                                         next_attempt_at=ctx.waiting.resume_at())
+                                         next_attempt_at=ctx.pauses.resume_at())
         log.warning("uploads wait: %s", decision.error)
         return
     changes: dict[str, object] = {}

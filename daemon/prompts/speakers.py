@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from difflib import SequenceMatcher
 
-from daemon.chunking import Chunk, Line, format_clock, parse_transcript, render_line
+from daemon.prompts.chunking import Chunk, Line, format_clock, parse_transcript, render_line
 
 TOLERANCE_SECONDS = 1.5  # two chunks place the same words this close (whole-second stamps, a model's drift)
 AGREEMENT_TOLERANCE_SECONDS = 3.0  # a transcript's line is paired with the truth's this far apart at most
@@ -55,7 +55,7 @@ def align(
     at the border and the labels themselves (the prompt asked to keep them) decide. A label left over becomes
     an established one only when the chunk evidently renumbered (its own name went to another voice); else it
     is a new voice and gets the next free number. Names ("Ana") are kept as they are.
-    >>> from daemon.chunking import parse_transcript
+    >>> from daemon.prompts.chunking import parse_transcript
     >>> before = parse_transcript("[00:19:55] Speaker 1: So that is settled.\\n[00:19:58] Speaker 2: Good, next.")
     >>> after = parse_transcript("[00:19:58] Speaker 1: Good, next.\\n[00:20:30] Speaker 2: I disagree.")
     >>> align(before, after, (1195.0, 1205.0))
@@ -277,7 +277,7 @@ def agreement(
     """The share of truth's lines (seconds, true speaker) whose line in labelled carries the same voice, up to one
     renaming for the whole recording (the labels are names for voices; which name is arbitrary). Lines are paired
     in order by time within tolerance; a truth line with no labelled line counts as wrong. 1.0 for no truth.
-    >>> from daemon.chunking import parse_transcript
+    >>> from daemon.prompts.chunking import parse_transcript
     >>> agreement([(0, "A"), (5, "B"), (9, "A")], parse_transcript("[00:00] S2: hi\\n[00:05] S1: yo\\n[00:09] S1: ok"))
     0.6666666666666666
     """
@@ -337,7 +337,7 @@ def known_speakers_note(
     """Text for the next chunk's prompt: the labels so far, each with the end of the last thing it said (which
     the next chunk hears again in its overlap), asking the model to keep them; and the names given, if any.
     Empty when there is nothing to say. Quotes shrink, then the voices heard longest ago go, to fit max_chars.
-    >>> from daemon.chunking import parse_transcript
+    >>> from daemon.prompts.chunking import parse_transcript
     >>> print(known_speakers_note(parse_transcript("[00:19:50] Speaker 1: Shall we vote?\\n[00:19:58] Speaker 2: Yes."),
     ...                           names="Ana, Ben"))  # doctest: +NORMALIZE_WHITESPACE
     Speakers heard so far in this recording; keep these labels for the same voices, and give a new voice the next

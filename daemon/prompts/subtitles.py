@@ -13,7 +13,7 @@ import unicodedata
 from dataclasses import dataclass
 from itertools import groupby, pairwise
 
-from daemon.chunking import Line
+from daemon.prompts.chunking import Line
 
 MAX_LINE_COLUMNS = 42  # what players and broadcasters expect; a wide (CJK, emoji) character takes two columns
 MAX_LINES_PER_CUE = 2
@@ -63,7 +63,7 @@ class _Group:
 def cues(lines: list[Line], duration_seconds: float) -> list[Cue]:
     """The cues of a transcript, in order, none overlapping another or running past the recording's end.
 
-    >>> from daemon.chunking import parse_transcript
+    >>> from daemon.prompts.chunking import parse_transcript
     >>> cues(parse_transcript("[00:00:01] Speaker 1: Hi.\\n[00:00:02] Speaker 2: Hello!"), 60)
     ... # doctest: +NORMALIZE_WHITESPACE
     [Cue(start=1.0, end=2.0, speaker='Speaker 1', text='Hi.'),

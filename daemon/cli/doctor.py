@@ -18,8 +18,8 @@ from pathlib import Path
 
 from daemon.config import Settings, Watch, find_api_key
 from daemon.errors import AuthError, DaemonError, OfflineError, TransientError
-from daemon.transcode import FORMATS
-from daemon.watcher import NETWORK_FILESYSTEMS, filesystem_type, should_poll
+from daemon.pipeline.transcode import FORMATS
+from daemon.pipeline.watcher import NETWORK_FILESYSTEMS, filesystem_type, should_poll
 
 OK, WARNING, FAIL = "ok", "warning", "fail"
 LOW_DISK_BYTES = 1_000_000_000
@@ -220,9 +220,7 @@ def check_database(settings: Settings) -> Check:
     from sqlalchemy import inspect
     from sqlalchemy.exc import SQLAlchemyError
 
-    from db.session import alembic_config, head_revision, make_engine, schema_revision
-
-    from db.session import check_integrity
+    from db.session import alembic_config, check_integrity, head_revision, make_engine, schema_revision
 
     path, head = settings.database_path, head_revision()
     if not path.exists():

@@ -91,31 +91,6 @@ def _check_plan(duration: float, chunk: float, overlap: float, max_prompt: float
         raise ValueError(f"max_prompt_seconds {max_prompt!r} leaves no room beside an overlap of {overlap!r}")
 
 
-def chunk_for_output_budget(
-    max_output_tokens: int,
-    tokens_per_minute_of_speech: float = 300.0,
-    *,
-    safety_factor: float = 0.75,
-    min_seconds: float = 900.0,
-    max_seconds: float = 1800.0,
-) -> float:
-    """Seconds of audio whose transcript fits in max_output_tokens, clamped to [min_seconds, max_seconds].
-
-    Speech runs about 12-18k output tokens an hour with timestamps and speaker labels (200-300 a minute); the
-    default takes the high end, and the safety factor keeps a quarter of the budget for fast talkers and for
-    thinking tokens, which count against the same limit. The floor wins over a tiny budget: below ~15 minutes
-    the per-prompt overhead dominates, and raising max_output_tokens is the right fix.
-    >>> chunk_for_output_budget(8192)  # the common 8k default: about 20 minutes
-    1228.0
-    """
-    if max_output_tokens <= 0 or tokens_per_minute_of_speech <= 0 or not 0 < safety_factor <= 1:
-        raise ValueError("max_output_tokens and tokens_per_minute_of_speech must be positive, safety_factor in (0, 1]")
-    if not 0 < min_seconds <= max_seconds:
-        raise ValueError(f"need 0 < min_seconds <= max_seconds, got {min_seconds!r} and {max_seconds!r}")
-    seconds = math.floor(max_output_tokens * safety_factor / tokens_per_minute_of_speech * 60)
-    return float(min(max(seconds, min_seconds), max_seconds))
-
-
 # --- clock times -------------------------------------------------------------------------------------------
 
 _CLOCK = re.compile(r"(?:(?P<h>\d+):(?P<hm>[0-5]?\d)|(?P<m>\d+)):(?P<s>[0-5]\d(?:\.\d+)?)")
@@ -227,8 +202,8 @@ def stitch(pieces: list[tuple[Chunk, str]], duration_seconds: float, *, same_lin
 
     In a chunk's leading overlap (before the previous chunk's end + same_line_seconds) a line is a duplicate
     and dropped when it is timed before the last timestamp kept from earlier chunks, or when its words match
-    a line of the previous chunk said within same_line_seconds of it. Lines without a timestamp share the fate of the line
-    they continue. Then times are clamped to their chunk's end and the recording's end, and a time earlier
+    a line of the previous chunk said within same_line_seconds of it. Lines without a timestamp share the fate of
+    the line they continue. Then times are clamped to their chunk's end and the recording's end, and a time earlier
     than the line before it is moved up to that line's time; each kind of correction is listed in `fixes`.
     """
     tally = _Tally()

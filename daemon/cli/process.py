@@ -24,12 +24,14 @@ import click
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from daemon import intake, lifecycle, logs, prompts
-from daemon.cli import prompt_json, recording_json
+from daemon import logs
+from daemon.cli.views import prompt_json, recording_json
 from daemon.config import Settings, find_api_key
 from daemon.context import Context
 from daemon.errors import DaemonError
 from daemon.gemini import GeminiClient
+from daemon.pipeline import intake, lifecycle
+from daemon.prompts import queue as prompt_queue
 from daemon.service import AlreadyRunning, acquire_lock, build_engine, ensure_instance_id, open_state
 from db.models import Prompt, PromptRecording, Recording, SourceAlias
 from db.session import make_engine, make_sessionmaker, session_scope
@@ -186,7 +188,7 @@ class Pipeline:
         if not self.upload:
             item.done = True
             return
-        waiting = self.ctx.waiting.describe(True)
+        waiting = self.ctx.pauses.describe(True)
         if waiting:
             item.done, item.note = True, f"uploads wait ({waiting}); run this again later, or start the daemon"
         elif recording.state == S.EXPIRED:
@@ -206,11 +208,12 @@ class Pipeline:
                 for template, text in self.specs:
                     if template is not None and template in templates:
                         continue
-                    request = prompts.request_for(self.settings, [recording.id], template=template, prompt_text=text)
+                    request = prompt_queue.request_for(self.settings, [recording.id], template=template,
+                                                       prompt_text=text)
                     try:
-                        item.prompt_ids.append(prompts.enqueue(session, request, now=now,
+                        item.prompt_ids.append(prompt_queue.enqueue(session, request, now=now,
                                                                reason="queued by audiodrop process").id)
-                    except prompts.QueueError as err:
+                    except prompt_queue.QueueError as err:
                         item.error = f"{item.path.name}: {err}"
             self.prompts.update(item.prompt_ids)
         if self.ctx.client is None:  # uploaded earlier, but no key to prompt with now
@@ -224,7 +227,7 @@ class Pipeline:
             if queued is None or queued.state in (P.DONE, P.FAILED):
                 continue
             wait = (queued.next_attempt_at - now).total_seconds() if queued.next_attempt_at else 0.0
-            waiting = self.ctx.waiting.describe(True)
+            waiting = self.ctx.pauses.describe(True)
             if queued.state == P.QUEUED and queued.wait_kind != "files" and (waiting or wait > LONGEST_WAIT_SECONDS):
                 item.note = f"a prompt stays queued for the daemon: {waiting or queued.waiting_for}"
                 continue
@@ -235,7 +238,8 @@ class Report:
     """Progress on stderr: rich bars on a terminal, a line per change otherwise, nothing with --json."""
 
     def __init__(self, mode: str, per_file: int) -> None:
-        self.mode, self.per_file, self.seen = mode, per_file, {}  # type: dict[Any, str]
+        self.mode, self.per_file = mode, per_file
+        self.seen: dict[Any, str] = {}
         if mode == "bars":
             from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -271,8 +275,8 @@ def main(settings: Settings, args: list[str], *, templates: list[str], prompt_te
         raise click.UsageError("--no-upload converts only; it cannot be combined with --template or --prompt")
     for template, text in specs:
         try:
-            prompts.request_for(settings, [0], template=template, prompt_text=text)
-        except prompts.QueueError as err:
+            prompt_queue.request_for(settings, [0], template=template, prompt_text=text)
+        except prompt_queue.QueueError as err:
             raise click.UsageError(str(err)) from None
     logs.setup("DEBUG" if settings.log_level == "DEBUG" else "ERROR")  # the report says what happens
     report = Report("quiet" if as_json else "bars" if sys.stderr.isatty() else "lines", len(specs))

@@ -16,18 +16,17 @@ without readable metadata (the user's own, or a damaged one) is never ours to ov
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import tempfile
 import unicodedata
 from collections.abc import Mapping
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
-from daemon.chunking import format_clock
+from daemon import atomic
+from daemon.prompts.chunking import format_clock
 
 EXTENSIONS = {"markdown": ".md", "text": ".txt", "json": ".json"}
 META_SUFFIX = ".meta.json"
@@ -145,30 +144,8 @@ def write_result(text_path: Path, meta_path: Path, text: str, metadata: Mapping[
     meta_bytes = (json.dumps(metadata, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False,
                              default=_json_value) + "\n").encode("utf-8")
     text_bytes = text.encode("utf-8")
-    _atomic_write(text_path, text_bytes)
-    _atomic_write(meta_path, meta_bytes)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """A temp file in the same folder (so the rename is atomic), fsynced, renamed over path, folder fsynced."""
-    prefix = f".{_cap_bytes(path.name, MAX_NAME_BYTES)}{TEMP_MARKER}"
-    descriptor, temp = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            os.fchmod(handle.fileno(), FILE_MODE)  # mkstemp makes 0600; set the mode before the name appears
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
-        raise
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)  # make the rename itself survive a power cut
-    finally:
-        os.close(folder)
+    atomic.write(text_path, text_bytes, marker=TEMP_MARKER, mode=FILE_MODE)
+    atomic.write(meta_path, meta_bytes, marker=TEMP_MARKER, mode=FILE_MODE)
 
 
 def iso(value: datetime | None) -> str | None:
@@ -193,10 +170,7 @@ def _json_value(value: Any) -> Any:
 
 def remove_stale_temps(results_dir: Path) -> list[Path]:
     """Delete temp files left by a write that was killed (kill -9, power cut); call at start-up."""
-    stale = [path for path in results_dir.glob(f".*{TEMP_MARKER}*") if path.is_file()]
-    for path in stale:
-        path.unlink(missing_ok=True)
-    return stale
+    return atomic.sweep(results_dir, TEMP_MARKER)
 
 
 def render_markdown(title: str, text: str, metadata: Mapping[str, Any]) -> str:

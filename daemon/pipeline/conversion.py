@@ -22,11 +22,12 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from daemon import intake, lifecycle, prompts, remote, transcode
 from daemon.context import Context
 from daemon.engine import Claim
 from daemon.errors import PermanentError, RejectedInput, TransientError
+from daemon.pipeline import intake, lifecycle, remote, transcode
 from daemon.policy import backoff
+from daemon.prompts import queue as prompt_queue
 from db.models import Prompt, PromptRecording, Recording
 from db.session import session_scope
 from db.states import PromptState as P
@@ -257,11 +258,13 @@ def _convert_open(ctx: Context, job: Job, descriptor: int) -> None:
     except FileNotFoundError:
         return _back(ctx, job, f"{name}: the file disappeared during conversion")
     except RejectedInput as err:
-        return _finish(ctx, job, S.REJECTED, reason=str(err), error=err.title)
+        _finish(ctx, job, S.REJECTED, reason=str(err), error=err.title)
+        return
     except TransientError as err:
         return _failed(ctx, job, err.title, permanent=False, reason=str(err))
     except PermanentError as err:
-        return _finish(ctx, job, S.REJECTED, reason=str(err), error=err.title)
+        _finish(ctx, job, S.REJECTED, reason=str(err), error=err.title)
+        return
     except OSError as err:
         return _failed(ctx, job, f"{name}: cannot be read ({err})", permanent=False)
     reason = f"converted to {result.format} ({result.size_bytes} bytes, {result.duration_seconds:.1f} s)"
@@ -286,8 +289,8 @@ def _convert_open(ctx: Context, job: Job, descriptor: int) -> None:
         if recording is not None:
             if growth is not None:
                 _replace_shorter(ctx, session, growth, recording)
-            prompts.enqueue_watch_prompts(session, ctx.settings, recording, now=ctx.now())
-            prompts.recording_ready(session, recording.id)
+            prompt_queue.enqueue_watch_prompts(session, ctx.settings, recording, now=ctx.now())
+            prompt_queue.recording_ready(session, recording.id)
     ctx.wake("delete", "upload", "prompt")
 
 
@@ -377,7 +380,7 @@ def _failed(ctx: Context, job: Job, error: str, *, permanent: bool, reason: str 
 def _back(ctx: Context, job: Job, reason: str) -> None:
     """Not convertible now (the file changed or vanished): back to discovered, to be looked at again."""
     now = ctx.now()
-    changes: dict[str, Any] = dict(last_change_at=now, closed_after_write=False)
+    changes: dict[str, Any] = {"last_change_at": now, "closed_after_write": False}
     if job.known_sha256 is None:
         changes["sha256"] = None  # the content hashed this time is not the recording's: it is still changing
     try:

@@ -16,9 +16,12 @@ import re
 import secrets
 import signal
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from daemon import atomic
 from daemon.errors import RejectedInput, TranscodeError, TransientError
 
 
@@ -136,7 +139,7 @@ def _number(value: object) -> float | None:
     return number if math.isfinite(number) else None
 
 
-def parse_probe(data: dict, name: str) -> ProbeResult:
+def parse_probe(data: dict[str, Any], name: str) -> ProbeResult:
     """ffprobe's JSON -> ProbeResult; RejectedInput when there is nothing to convert."""
     streams = data.get("streams", [])
     audio = [s for s in streams if s.get("codec_type") == "audio"]
@@ -153,7 +156,7 @@ def parse_probe(data: dict, name: str) -> ProbeResult:
                        int(stream.get("channels") or 0), int(_number(stream.get("sample_rate")) or 0), container)
 
 
-def _found(streams: list[dict]) -> str:
+def _found(streams: list[dict[str, Any]]) -> str:
     kinds = sorted({"a cover picture" if s.get("disposition", {}).get("attached_pic") else s.get("codec_type", "?")
                     for s in streams})
     return f"ffprobe found only {' and '.join(kinds)}" if kinds else "ffprobe found no streams at all"
@@ -161,9 +164,9 @@ def _found(streams: list[dict]) -> str:
 
 def decoded_seconds(progress: str) -> float | None:
     """The last out_time_us of ffmpeg's -progress report: how much audio really came out."""
-    values = [_number(line[len("out_time_us="):]) for line in progress.splitlines()
-              if line.startswith("out_time_us=")]
-    values = [value for value in values if value is not None]
+    numbers = (_number(line[len("out_time_us="):]) for line in progress.splitlines()
+               if line.startswith("out_time_us="))
+    values = [value for value in numbers if value is not None]
     return values[-1] / 1e6 if values else None
 
 
@@ -206,9 +209,13 @@ _LIBC = ctypes.CDLL(None, use_errno=True)
 PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
-    # Runs in the child before exec: a daemon killed with -9 must not leave ffmpeg converting for nobody.
-    _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+def dying_with_parent(signum: int = signal.SIGKILL) -> Callable[[], None]:
+    """A preexec_fn for subprocess: the child gets `signum` when its parent dies (a daemon killed with -9 must not
+    leave ffmpeg converting for nobody; a killed test run must not leave its daemon running)."""
+    def arrange() -> None:  # runs in the child, before exec
+        _LIBC.prctl(PR_SET_PDEATHSIG, signum)
+
+    return arrange
 
 
 # Never handed to ffmpeg or ffprobe: they need no credentials.
@@ -234,7 +241,7 @@ def _run(argv: tuple[str, ...], *, timeout: float, source: Path, label: str | No
     pass_fds = (int(source.name),) if str(source).startswith(FD_FOLDER) else ()
     try:
         process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                   preexec_fn=_die_with_parent, env=child_environment(), pass_fds=pass_fds)
+                                   preexec_fn=dying_with_parent(), env=child_environment(), pass_fds=pass_fds)
     except OSError as error:
         raise TransientError(f"{name}: cannot run {argv[0]!r} ({error.strerror})",
                              "Install ffmpeg (apt-get install ffmpeg) or correct the configured path.") from error
@@ -306,7 +313,7 @@ def _produce(source: Path, destination: Path, fmt: OutputFormat, expected: float
         produced = (decoded_seconds(out) or 0.0) if temp.is_file() and temp.stat().st_size else 0.0
         warning = assess(label or source.name, returncode, produced, expected, is_estimate, stderr_lines(err, *urls),
                          main_reason(err, *urls))
-        size = _durable_replace(temp, destination)
+        size = atomic.replace(temp, destination)
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
@@ -328,23 +335,6 @@ def _temp_path(destination: Path) -> Path:
     return destination.parent / f".{stem}{PARTIAL_MARKER}{secrets.token_hex(6)}{destination.suffix}"
 
 
-def _durable_replace(temp: Path, destination: Path) -> int:
-    """fsync, then rename over the destination: after a power cut it holds the old file or the whole new one."""
-    with open(temp, "rb") as handle:
-        os.fsync(handle.fileno())
-        size = os.fstat(handle.fileno()).st_size
-    os.replace(temp, destination)
-    folder = os.open(destination.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
-    return size
-
-
 def remove_stale_partials(folder: Path) -> list[Path]:
     """Delete temporary outputs left by a conversion that was killed (kill -9, power cut); call at start-up."""
-    stale = [path for path in folder.glob(f".*{PARTIAL_MARKER}*") if path.is_file()]
-    for path in stale:
-        path.unlink(missing_ok=True)
-    return stale
+    return atomic.sweep(folder, PARTIAL_MARKER)

@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session
 
 from daemon.errors import IllegalTransition
 from db.models import Recording, RecordingEvent, SourceAlias
+from db.session import rowcount
 from db.states import RecordingState
 
 S = RecordingState
@@ -72,7 +73,7 @@ def advance(session: Session, recording_id: int, *, expected: RecordingState | s
     result = session.execute(update(Recording).where(*conditions)
                              .values(state=to, state_changed_at=now, **changes)
                              .execution_options(synchronize_session=False))
-    if not result.rowcount:
+    if not rowcount(result):
         return False
     session.add(RecordingEvent(recording_id=recording_id, at=now, from_state=expected.value, to_state=to.value,
                                reason=reason))
@@ -93,7 +94,7 @@ def claim(session: Session, recording_id: int, *, expected: RecordingState, to: 
         values.update(state=to, state_changed_at=now)
     result = session.execute(update(Recording).where(Recording.id == recording_id, Recording.state == expected, free)
                              .values(**values).execution_options(synchronize_session=False))
-    if not result.rowcount:
+    if not rowcount(result):
         return None
     if to is not None:
         session.add(RecordingEvent(recording_id=recording_id, at=now, from_state=expected.value,
@@ -109,7 +110,7 @@ def update_claimed(session: Session, recording_id: int, token: int, *, release: 
         changes.update(claimed_by=None, claimed_until=None)
     result = session.execute(update(Recording).where(Recording.id == recording_id, Recording.claim_token == token)
                              .values(**changes).execution_options(synchronize_session=False))
-    return bool(result.rowcount)
+    return bool(rowcount(result))
 
 
 def take_back(session: Session, now: datetime, dead: Callable[[Any], ColumnElement[bool]]) -> int:
@@ -210,7 +211,7 @@ def forget(session: Session, recording_id: int) -> bool:
         delete(Recording).where(Recording.id == recording_id, Recording.state == S.DISCOVERED,
                                 Recording.sha256.is_(None), Recording.converted_path.is_(None))
     )
-    return bool(result.rowcount)
+    return bool(rowcount(result))
 
 
 def retry(session: Session, recording: Recording, *, now: datetime, reason: str) -> bool:

@@ -1,0 +1,157 @@
+"""`audiodrop status`, `files` and `show`: what the daemon holds, read straight from the database (read-only)."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import click
+from sqlalchemy import select
+
+from daemon.cli import config_option, json_option, lock_holder, main, open_row, open_session, settings_or_exit
+from daemon.cli.views import PROMPT_STATES, STATES, iso, recording_json
+from db import queries
+from db.models import Recording
+
+
+@main.command()
+@config_option
+@json_option
+def status(config_path: str | None, as_json: bool) -> None:
+    """Counts by state, storage used, the next expiry and whether the daemon runs."""
+    settings = settings_or_exit(config_path)
+    session = open_session(settings)
+    holder = lock_holder(settings)
+    running = holder is not None
+    counts: dict[str, int] = {}
+    prompts: dict[str, int] = {}
+    used, foreign, upcoming, state = 0, 0, None, None
+    tokens_today = {"prompt": 0, "audio": 0, "output": 0, "thinking": 0}
+    if session is not None:
+        with session:
+            counts = queries.recording_counts(session)
+            prompts = queries.prompt_counts(session)
+            used = queries.ours_bytes(session)
+            upcoming = queries.next_expiry(session)
+            state = queries.daemon_state(session)
+            foreign = (state.foreign_bytes or 0) if state else 0
+            tokens_today = queries.tokens_since(session, datetime.now(UTC).replace(hour=0, minute=0, second=0,
+                                                                                   microsecond=0))
+    waiting = state.waiting_for if state and running else None
+    report: dict[str, Any] = {
+        "daemon": {"running": running, "pid": holder if running else None,
+                   "heartbeat_at": iso(state.heartbeat_at) if state else None, "waiting_for": waiting,
+                   "offline_since": iso(state.offline_since) if state and running else None,
+                   "unavailable_folders": (state.unavailable_folders or "").splitlines() if state and running
+                   else []},
+        "recordings": {name: counts.get(name, 0) for name in STATES},
+        "prompts": {name: prompts.get(name, 0) for name in PROMPT_STATES},
+        "storage": {"used_bytes": used + foreign, "limit_bytes": settings.gemini.storage_limit_bytes,
+                    "ours_bytes": used, "foreign_bytes": foreign,
+                    "headroom_bytes": settings.gemini.storage_headroom_bytes,
+                    "reconciled_at": iso(state.reconciled_at) if state else None},
+        "next_expiry": {"recording_id": upcoming[0], "expires_at": iso(upcoming[1])} if upcoming else None,
+        "tokens_today": tokens_today,
+        "state_dir": str(settings.state_dir),
+    }
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if running:
+        console.print(f"daemon: [green]running[/green] (pid {report['daemon']['pid']})")
+    else:
+        console.print("daemon: [red]not running[/red]" + ("" if session else " (no database yet)"))
+    if waiting:
+        console.print(f"waiting: {waiting}")
+    for folder in report["daemon"]["unavailable_folders"]:
+        console.print(f"[yellow]unavailable drop folder[/yellow]: {folder}")
+    table = Table("recordings", "count", "prompts", "count", box=None)
+    for index in range(max(len(STATES), len(PROMPT_STATES))):
+        left = STATES[index] if index < len(STATES) else ""
+        right = PROMPT_STATES[index] if index < len(PROMPT_STATES) else ""
+        table.add_row(left, str(report["recordings"][left]) if left else "",
+                      right, str(report["prompts"][right]) if right else "")
+    console.print(table)
+    console.print(f"storage: {(used + foreign) / 1e9:.2f} GB used of {settings.gemini.storage_limit_bytes / 1e9:.2f} GB"
+                  + (f" ({foreign / 1e9:.2f} GB by other tools)" if foreign else ""))
+    if upcoming:
+        console.print(f"next expiry: recording {upcoming[0]} at {iso(upcoming[1])}")
+    thinking = f" (+{tokens_today['thinking']} thinking)" if tokens_today["thinking"] else ""
+    console.print(f"tokens today (UTC): {tokens_today['prompt']} in ({tokens_today['audio']} audio), "
+                  f"{tokens_today['output']} out{thinking}")
+
+
+@main.command()
+@config_option
+@json_option
+@click.option("--state", type=click.Choice(STATES), help="Only recordings in this state.")
+def files(config_path: str | None, as_json: bool, state: str | None) -> None:
+    """List the recordings."""
+    settings = settings_or_exit(config_path)
+    session = open_session(settings)
+    recordings: list[Recording] = []
+    if session is not None:
+        with session:
+            query = select(Recording).order_by(Recording.id)
+            if state:
+                query = query.where(Recording.state == state)
+            recordings = list(session.scalars(query).all())
+    if as_json:
+        click.echo(json.dumps([recording_json(r) for r in recordings], indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("id", "state", "duration", "size", "expires", "file", "note")
+    for r in recordings:
+        note = r.error or r.warning or ""
+        table.add_row(str(r.id), r.state, f"{r.duration_seconds:.0f} s" if r.duration_seconds else "",
+                      f"{r.converted_bytes / 1e3:.0f} kB" if r.converted_bytes else "",
+                      iso(r.remote_expires_at) or "" if r.state == "active" else "",
+                      Path(r.source_path).name, note)
+    Console().print(table if recordings else "no recordings yet")
+
+
+@main.command()
+@config_option
+@json_option
+@click.argument("recording_id", type=int)
+def show(config_path: str | None, as_json: bool, recording_id: int) -> None:
+    """One recording and its history."""
+    settings = settings_or_exit(config_path)
+    session, recording = open_row(settings, Recording, recording_id, "recording")
+    with session:
+        report = recording_json(recording)
+        report["duplicates"] = [{"path": a.path, "seen_at": iso(a.seen_at)} for a in recording.aliases]
+        report["history"] = [{"at": iso(e.at), "from": e.from_state, "to": e.to_state, "reason": e.reason}
+                             for e in recording.events]
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(f"[bold]recording {report['id']}[/bold]  {report['state']}  {report['source_path']}")
+    for key in ("error", "warning", "duration_seconds", "sha256"):
+        if report[key] is not None:
+            console.print(f"  {key}: {report[key]}")
+    if report["converted"]:
+        c = report["converted"]
+        console.print(f"  converted: {c['path']} ({c['bytes']} bytes, {c['mime_type']})")
+    if report["remote"]:
+        r = report["remote"]
+        console.print(f"  remote: {r['name']} expires {r['expires_at']}")
+    for duplicate in report["duplicates"]:
+        console.print(f"  duplicate: {duplicate['path']} (seen {duplicate['seen_at']})")
+    table = Table("at", "change", "reason", box=None)
+    for event in report["history"]:
+        change = event["to"] if event["from"] in (None, event["to"]) else f"{event['from']} -> {event['to']}"
+        table.add_row(event["at"], change, event["reason"])
+    console.print(table)
