@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import ForeignKey, Index, Integer, MetaData, String, Text, UniqueConstraint
+from sqlalchemy import ForeignKey, Index, Integer, LargeBinary, MetaData, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from db.states import PromptState, RecordingState
@@ -44,6 +44,8 @@ class Recording(Base):
     source_ino: Mapped[int | None] = mapped_column(Int64)
     sha256: Mapped[str | None] = mapped_column(String(64), unique=True)
     watch_root: Mapped[str | None] = mapped_column(Text)
+    # The node whose drop folder holds the file: only it converts the recording (fleet mode).
+    node: Mapped[str | None] = mapped_column(String(64), index=True)
     # Settle detection: a close-after-write event seen since the last change, and when the file last changed.
     closed_after_write: Mapped[bool] = mapped_column(default=False)
     last_change_at: Mapped[datetime] = mapped_column(UTCDateTime)
@@ -297,3 +299,48 @@ class DaemonState(Base):
     reconciled_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     # Drop folders that are missing or unmounted right now, one "path: reason" per line.
     unavailable_folders: Mapped[str | None] = mapped_column(Text)
+
+
+class Node(Base):
+    """One daemon of the fleet (one row when there is only one): it heartbeats here, so `status` shows every node
+    and what each waits for, and a node silent too long has its work taken over."""
+
+    __tablename__ = "nodes"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    run_id: Mapped[str | None] = mapped_column(String(32))
+    pid: Mapped[int | None]
+    hostname: Mapped[str | None] = mapped_column(String(255))
+    version: Mapped[str | None] = mapped_column(String(32))
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    stopped_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    waiting_for: Mapped[str | None] = mapped_column(Text)
+    offline_since: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # The node's drop folders, one per line, and those missing or unmounted right now ("path: reason").
+    folders: Mapped[str | None] = mapped_column(Text)
+    unavailable_folders: Mapped[str | None] = mapped_column(Text)
+
+
+class AudioCopy(Base):
+    """A compact copy kept in the database, in 1 MiB pieces, so any node of a fleet can upload it again or cut
+    pieces of it for a prompt, even while the node that converted it is asleep."""
+
+    __tablename__ = "audio_copies"
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    piece: Mapped[int] = mapped_column(Integer, primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class RateSlot(Base):
+    """One request sent to a model, so a fleet keeps `requests_per_minute` together: a slot is taken under a
+    lock, counted over the last minute, and forgotten after it."""
+
+    __tablename__ = "rate_slots"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model: Mapped[str] = mapped_column(String(64))
+    at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+    __table_args__ = (Index("ix_rate_slots_model_at", "model", "at"),)
