@@ -57,7 +57,7 @@ for _ in range(int(sys.argv[2])):
     t = time.perf_counter(); found = intake.scan(settings); walk.append(time.perf_counter() - t)
     t = time.perf_counter()
     for item in intake.scan(settings):
-        intake.observe(session, item, closed=False, now=datetime.now(UTC))
+        intake.observe(session, item, closed=False, now=datetime.now(UTC), settings=settings)
     session.rollback(); full.append(time.perf_counter() - t)
 print(len(found), walk[0], statistics.median(walk), full[0], statistics.median(full))
 """

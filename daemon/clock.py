@@ -16,3 +16,8 @@ class Clock(Protocol):
 class SystemClock:
     def now(self) -> datetime:
         return datetime.now(UTC)
+
+
+def iso(value: datetime | None) -> str | None:
+    """A time as ISO 8601 UTC with a Z ("2026-11-30T12:00:00.123456Z"), as the CLI and result metadata show it."""
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z") if value else None

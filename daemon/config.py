@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
@@ -72,6 +73,13 @@ def _known_template(name: str, info: ValidationInfo) -> str:
         raise PydanticCustomError("unknown_template",
                                   f"unknown template {name!r} (known: {', '.join(sorted(known))})")
     return name
+
+
+def _node_name(value: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", value):
+        raise PydanticCustomError("node_name", "use 1-64 letters, digits, '.', '_' or '-', starting with a letter "
+                                               f"or digit; got {value!r}")
+    return value
 
 
 def _database_url(value: str) -> str:
@@ -203,6 +211,9 @@ class ServiceSettings:
     # database keeps no work longer than this.
     lease_seconds: Float = Field(
         default=60.0, ge=1, description="how long a claim on a piece of work holds without renewal")
+    node_name: Annotated[str, AfterValidator(_node_name)] = Field(
+        default_factory=socket.gethostname, examples=["room-a"],
+        description="this daemon's name in a fleet (default: the host name); each node needs its own")
 
 
 @dataclass(frozen=True, config=_TABLE)

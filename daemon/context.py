@@ -41,12 +41,18 @@ class ApiPauses:
     quota_retry_at: datetime | None = None  # storage refused: only uploads wait
     # Uploads wait because nothing of ours can be evicted (every copy is needed by a prompt): not a pause.
     storage_note: str | None = None
+    # The database cannot be reached: no API call starts (its outcome could not be recorded, and another node
+    # may take the work over when this one's leases lapse).
+    database_down_since: datetime | None = None
     # Storage refusals in a row, and the size of the last refused upload (to judge what a reconcile explains).
     quota_refusals: int = 0
     refused_bytes: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def describe(self, has_key: bool) -> str | None:
+        if self.database_down_since:
+            return (f"the database cannot be reached since {self.database_down_since.isoformat(timespec='seconds')}; "
+                    "no API call starts until it can")
         if not has_key:
             return "no API key: set GEMINI_API_KEY (or gemini.api_key_file); converting and queueing meanwhile"
         if self.auth_problem:
@@ -57,9 +63,21 @@ class ApiPauses:
 
     def paused(self, now: datetime, *, upload: bool = False) -> bool:
         """Whether API calls (`upload`: uploads) must wait now."""
+        if self.database_down_since is not None:
+            return True
         if self.retry_at is not None and now < self.retry_at:
             return True
         return upload and self.quota_retry_at is not None and now < self.quota_retry_at
+
+    def database_failed(self, now: datetime) -> None:
+        with self.lock:
+            self.database_down_since = self.database_down_since or now
+
+    def database_ok(self) -> bool:
+        """The database answered; True if it had been down (work paused meanwhile resumes)."""
+        with self.lock:
+            was_down, self.database_down_since = self.database_down_since is not None, None
+            return was_down
 
     def resume_at(self, *, upload: bool = False) -> datetime | None:
         """When the pause that holds API calls (or uploads) ends."""
@@ -119,6 +137,10 @@ class Context:
     # This run's name in claims: node and a random run id, so a restarted daemon never mistakes a dead run's
     # claim for its own.
     holder: str = "local"
+    node: str = "local"
+    # Several daemons share the database (PostgreSQL): conversions stay with a drop folder's node, compact copies
+    # are kept in the database, and the lock of the storage ledger and the rate limit is the database's.
+    fleet: bool = False
     wake: Callable[..., None] = lambda *kinds, at=None: None
 
     def now(self) -> datetime:

@@ -24,6 +24,7 @@ from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from sqlalchemy import ColumnElement, or_, true, update
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.clock import Clock
@@ -82,13 +83,28 @@ class Sweeper(Protocol):
         ...
 
 
+class DatabaseHealth(Protocol):
+    """Told whether the database answers (ApiPauses: no API call starts while it does not)."""
+
+    def database_failed(self, now: datetime) -> None:
+        ...
+
+    def database_ok(self) -> bool:
+        """True if it had been failing."""
+        ...
+
+
 class Engine:
     """One dispatcher thread that claims work for every kind, one small pool of workers per kind, a lease
     renewer and a sweeper, all driven by due times and wake-ups."""
 
     def __init__(self, sessions: sessionmaker[Session], clock: Clock, holder: str, kinds: list[Kind],
-                 sweepers: list[Sweeper], *, single_node: bool = True, lease_seconds: float = LEASE_SECONDS) -> None:
+                 sweepers: list[Sweeper], *, single_node: bool = True, lease_seconds: float = LEASE_SECONDS,
+                 health: DatabaseHealth | None = None, previous_runs: str | None = None) -> None:
         self.sessions = sessions
+        self.health = health
+        # "NODE/": claims of this node's earlier runs, dead at this run's start (a fleet's other nodes are not).
+        self.previous_runs = previous_runs
         self.lease_seconds = lease_seconds
         self.renew_every = lease_seconds / 3
         self.clock = clock
@@ -117,6 +133,10 @@ class Engine:
     def start(self) -> None:
         if self.single_node:  # every claim not held by this run belongs to a run that is gone
             self.sweep(lambda table: or_(table.claimed_until < self.clock.now(), table.claimed_by != self.holder))
+        elif self.previous_runs:
+            self.sweep(lambda table: or_(table.claimed_until < self.clock.now(),
+                                         table.claimed_by.like(f"{self.previous_runs}%")
+                                         & (table.claimed_by != self.holder)))
         else:
             self.sweep()
         self.thread = threading.Thread(target=self._loop, name="engine", daemon=True)
@@ -176,8 +196,8 @@ class Engine:
             for name in names:
                 try:
                     self._dispatch(self.kinds[name])
-                except Exception:  # a database hiccup must not end the dispatcher: look again soon
-                    log.exception("claiming %s work failed; trying again shortly", name)
+                except Exception as err:  # a database hiccup must not end the dispatcher: look again soon
+                    self._database_failed(err, f"claiming {name} work")
                     self.wake(name, at=self.clock.now() + timedelta(seconds=5))
             now = time.monotonic()
             if now >= self.next_renew:
@@ -265,9 +285,11 @@ class Engine:
                         claim.lost.set()
                         log.warning("%s %s: the claim was taken over; its outcome will not be written",
                                     claim.kind, claim.key)
-        except Exception:
-            log.exception("renewing leases failed; trying again shortly")
+        except Exception as err:
+            self._database_failed(err, "renewing leases")
             self.next_renew = time.monotonic() + 2.0
+            return
+        self._database_answered()
 
     def sweep(self, dead: DeadClaims | None = None) -> None:
         """Take back work whose claims are dead: by default those whose lease has passed."""
@@ -277,12 +299,29 @@ class Engine:
         try:
             with session_scope(self.sessions) as session:
                 taken = sum(sweeper.take_back(session, now, condition) for sweeper in self.sweepers)
-        except Exception:
-            log.exception("taking back expired leases failed; trying again shortly")
+        except Exception as err:
+            self._database_failed(err, "taking back expired leases")
             self.next_sweep = time.monotonic() + 5.0
             return
+        self._database_answered()
         if taken:
             log.info("took back %d piece(s) of work whose lease had passed", taken)
+            with self.cond:
+                self.woken.update(self.kinds)
+                self.cond.notify()
+
+    def _database_failed(self, err: Exception, doing: str) -> None:
+        if isinstance(err, OperationalError):  # the database is unreachable (down, restarting, partitioned)
+            log.warning("%s failed: the database cannot be reached (%s); trying again shortly", doing,
+                        str(err.orig).strip().splitlines()[0] if err.orig else err)
+            if self.health is not None:
+                self.health.database_failed(self.clock.now())
+        else:
+            log.exception("%s failed; trying again shortly", doing)
+
+    def _database_answered(self) -> None:
+        if self.health is not None and self.health.database_ok():
+            log.info("the database answers again; resuming")
             with self.cond:
                 self.woken.update(self.kinds)
                 self.cond.notify()

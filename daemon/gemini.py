@@ -230,6 +230,10 @@ class GeminiClient:
                 self._made = genai.Client(api_key=self._api_key, http_options=types.HttpOptions(**options))
             return self._made
 
+    def warm(self) -> None:
+        """Load the SDK now: a request counted against a rate limit must leave at once, not a second later."""
+        self._client  # noqa: B018 (the property imports and builds the client)
+
     def upload(self, path: Path, *, mime_type: str, display_name: str) -> RemoteFile:
         from google.genai import types
 

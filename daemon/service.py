@@ -12,7 +12,6 @@ import os
 import queue
 import secrets
 import signal
-import socket
 import threading
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -22,14 +21,15 @@ from typing import IO
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import Engine
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
-from daemon import systemd
+from daemon import nodes, systemd
 from daemon.clock import SystemClock
 from daemon.config import Settings, find_api_key, load_settings
 from daemon.context import Context
 from daemon.engine import Engine as WorkEngine
 from daemon.engine import Kind, SweepKind
-from daemon.errors import ConfigError, DaemonError
+from daemon.errors import ConfigError, DaemonError, DatabaseError
 from daemon.gemini import GeminiClient
 from daemon.pipeline import intake, lifecycle, remote, transcode
 from daemon.pipeline.conversion import ConvertKind
@@ -41,7 +41,7 @@ from daemon.prompts import runner as prompt_runner
 from daemon.wakeup import Listener
 from db import queries
 from db.models import DaemonState
-from db.session import make_engine, make_sessionmaker, session_scope, upgrade_to_head
+from db.session import describe_failure, is_fleet, make_sessionmaker, migrate, open_engine, session_scope
 from db.states import RecordingState as S
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,7 @@ FOLDER_CHECK_SECONDS = 10.0
 DEFAULT_STOP_TIMEOUT_SECONDS = 30.0
 STOP_MARGIN_SECONDS = 5.0
 INTAKE_BATCH_SECONDS = 0.02
+CLOCK_SKEW_WARNING_SECONDS = 5.0
 
 
 class AlreadyRunning(DaemonError):
@@ -95,9 +96,11 @@ def stop_grace_seconds() -> float:
     return max(timeout - STOP_MARGIN_SECONDS, 1.0)
 
 
-def open_state(settings: Settings) -> Engine:
+def open_state(settings: Settings, *, stop: threading.Event | None = None) -> Engine:
     """The folders and the database, migrated to head. A results folder that cannot be made does not stop the
-    daemon: answers are kept in the database and their files written once it can be."""
+    daemon: answers are kept in the database and their files written once it can be. A database server that
+    cannot be reached is waited for (saying so), unless `stop` is None (the CLI: one clear line at once); wrong
+    credentials, a missing database or a damaged file are one clear error each."""
     for folder in (settings.state_dir, settings.converted_dir):
         folder.mkdir(parents=True, exist_ok=True, mode=0o750)
     try:
@@ -105,8 +108,22 @@ def open_state(settings: Settings) -> Engine:
     except OSError as err:
         log.warning("results_dir %s cannot be made (%s): answers are kept in the database and their files written "
                     "once it can be", settings.results_dir, err.strerror or err)
-    upgrade_to_head(settings.database_path)
-    return make_engine(settings.database_path)
+    delay = 1.0
+    while True:
+        try:
+            migrate(settings.database_path, settings.database_url)
+            database = open_engine(settings.database_path, settings.database_url)
+            with database.connect():
+                return database
+        except SQLAlchemyError as err:
+            message, worth_waiting = describe_failure(err, settings.database_url)
+            if not worth_waiting or stop is None:
+                raise DatabaseError(message, "check database_url (or $AUDIODROP_DATABASE_URL)") from None
+            log.warning("%s; trying again in %.0f s", message, delay)
+            systemd.notify(f"STATUS=waiting for the database: {message}")
+            if stop.wait(delay):
+                raise DatabaseError(message, "stopped while waiting for the database") from None
+            delay = min(delay * 2, 30.0)
 
 
 def ensure_instance_id(ctx: Context) -> str:
@@ -135,8 +152,9 @@ def build_engine(ctx: Context, *, only: set[int] | None = None, prompts_only: se
         kinds += [UploadKind(ctx, lease, only), ProcessingKind(ctx, lease), remote.DeleteKind(ctx, lease),
                   prompt_runner.PromptKind(ctx, lease, prompts_only), prompt_runner.ResultFilesKind(ctx, lease)]
     engine = WorkEngine(ctx.sessions, ctx.clock, ctx.holder, kinds,
-                        [lifecycle, prompt_lifecycle, remote.DeletionSweeper()],
-                        lease_seconds=ctx.settings.service.lease_seconds)
+                        [lifecycle, prompt_lifecycle, remote.DeletionSweeper()], single_node=not ctx.fleet,
+                        lease_seconds=ctx.settings.service.lease_seconds, health=ctx.pauses,
+                        previous_runs=nodes.holder_prefix(ctx.node))
     return engine
 
 
@@ -163,11 +181,14 @@ class Daemon:
         settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
         lock = acquire_lock(settings.lock_path)
         try:
-            database = open_state(settings)
+            database = open_state(settings, stop=self.stop_event)
             client = self._make_client()
+            fleet = is_fleet(settings.database_url)
+            node, self.run_id = settings.service.node_name, secrets.token_hex(4)
             self.ctx = Context(settings=settings, sessions=make_sessionmaker(database), client=client,
-                               clock=SystemClock(), holder=f"{socket.gethostname()}/{secrets.token_hex(4)}",
-                               wake=self.wake)
+                               clock=nodes.DatabaseClock() if fleet else SystemClock(), holder=f"{node}/{self.run_id}",
+                               node=node, fleet=fleet, wake=self.wake)
+            self._measure_clock()
             self.ctx.instance_id = ensure_instance_id(self.ctx)
             for leftover in [*transcode.remove_stale_partials(settings.converted_dir),
                              *results.remove_stale_temps(settings.results_dir)]:
@@ -284,10 +305,11 @@ class Daemon:
         self.listener.stop()
         self.hints.put(None)
         left = self.engine.stop(stop_grace_seconds())
-        with session_scope(self.ctx.sessions) as session:
-            state = session.get(DaemonState, 1)
-            if state is not None:
-                state.stopped_at = self.ctx.now()
+        try:
+            with session_scope(self.ctx.sessions) as session:
+                nodes.stopped(session, self.ctx.node, self.run_id, self.ctx.now())
+        except SQLAlchemyError as err:
+            log.warning("could not record the stop: %s", describe_failure(err, self.settings.database_url)[0])
         if left:
             log.info("audiodrop stopped; abandoned %d task(s) in flight, they resume at the next start", left)
             logging.shutdown()
@@ -311,8 +333,23 @@ class Daemon:
                     batch.append(hint)
             except queue.Empty:
                 pass
-            self._take(batch)
+            self._take_until_stored(batch)
             self.engine.wake("convert")
+
+    def _take_until_stored(self, batch: list[Hint]) -> None:
+        """A database that cannot be reached loses no hint: the batch is taken again, with a growing pause."""
+        delay = 1.0
+        while True:
+            try:
+                self._take(batch)
+                return
+            except OperationalError as err:
+                log.warning("intake waits: %s; trying again in %.0f s",
+                            describe_failure(err, self.settings.database_url)[0], delay)
+                self.ctx.pauses.database_failed(self.ctx.now())
+                if self.stop_event.wait(delay):
+                    return
+                delay = min(delay * 2, 30.0)
 
     def _take(self, batch: list[Hint]) -> None:
         merged: dict[Path, Hint] = {}
@@ -334,7 +371,11 @@ class Daemon:
 
     def scan(self) -> None:
         """The catch-up scan: the folders are the truth; events are only hints."""
-        found = intake.scan_and_observe(self.ctx.sessions, self.settings, now=self.ctx.now())
+        try:
+            found = intake.scan_and_observe(self.ctx.sessions, self.settings, now=self.ctx.now())
+        except OperationalError as err:
+            log.warning("the catch-up scan waits: %s", describe_failure(err, self.settings.database_url)[0])
+            return
         if found:
             self.engine.wake("convert")
 
@@ -358,29 +399,40 @@ class Daemon:
             log.warning("reconciliation with the server failed: %s", decision.error)
 
     def heartbeat(self) -> None:
+        """This node's row says it is alive and what it waits for; in a fleet it also reads the database's clock.
+        A database that does not answer pauses every API call until it does."""
         ctx = self.ctx
-        waiting = ctx.pauses.describe(self.has_key)
-        with session_scope(ctx.sessions) as session:
-            if waiting:
-                backlog = queries.upload_backlog(session)
-                if backlog[0]:
-                    waiting += f"; {backlog[0]} recording(s), {backlog[1] / 1e6:.1f} MB, waiting to upload"
-            state = session.get(DaemonState, 1)
-            if state is None:
-                state = DaemonState(id=1, started_at=ctx.now())
-                session.add(state)
-            if state.pid != os.getpid():
-                state.started_at = ctx.now()
-            state.pid = os.getpid()
-            state.hostname = socket.gethostname()
-            state.heartbeat_at = ctx.now()
-            state.stopped_at = None
-            state.waiting_for = waiting
-            state.unavailable_folders = "\n".join(f"{path}: {why}" for path, why in self.unavailable.items()) or None
-            state.offline_since = ctx.pauses.offline_since
-            counts = queries.recording_counts(session)
-            used = queries.ours_bytes(session)
+        try:
+            self._measure_clock()
+            waiting = ctx.pauses.describe(self.has_key)
+            with session_scope(ctx.sessions) as session:
+                if waiting:
+                    backlog = queries.upload_backlog(session)
+                    if backlog[0]:
+                        waiting += f"; {backlog[0]} recording(s), {backlog[1] / 1e6:.1f} MB, waiting to upload"
+                beat = nodes.Beat(waiting_for=waiting, offline_since=ctx.pauses.offline_since,
+                                  folders=[str(watch.path) for watch in self.settings.watches],
+                                  unavailable=[f"{path}: {why}" for path, why in self.unavailable.items()])
+                nodes.heartbeat(session, ctx.node, self.run_id, beat, ctx.now())
+                counts = queries.recording_counts(session)
+                used = queries.ours_bytes(session)
+        except SQLAlchemyError as err:
+            message, _ = describe_failure(err, self.settings.database_url)
+            log.warning("heartbeat: %s", message)
+            ctx.pauses.database_failed(ctx.now())
+            systemd.notify(f"STATUS=waiting for the database: {message}")
+            return
+        if ctx.pauses.database_ok():
+            self.wake(*self.engine.kinds)
         systemd.notify("STATUS=" + status_line(counts, used, self.settings.gemini.storage_limit_bytes, waiting))
+
+    def _measure_clock(self) -> None:
+        if isinstance(self.ctx.clock, nodes.DatabaseClock):
+            with session_scope(self.ctx.sessions) as session:
+                skew = self.ctx.clock.measure(session)
+            if abs(skew.total_seconds()) > CLOCK_SKEW_WARNING_SECONDS:
+                log.warning("this node's clock is %.1f s off the database's; leases use the database's",
+                            skew.total_seconds())
 
 
 STATUS_ORDER = [state.value for state in S]

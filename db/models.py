@@ -8,8 +8,9 @@ writes nothing)."""
 from __future__ import annotations
 
 from datetime import datetime
+from decimal import Decimal
 
-from sqlalchemy import ForeignKey, Index, Integer, LargeBinary, MetaData, String, Text, UniqueConstraint
+from sqlalchemy import ForeignKey, Index, Integer, LargeBinary, MetaData, Numeric, String, Text, UniqueConstraint, false
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from db.states import PromptState, RecordingState
@@ -172,6 +173,14 @@ class Prompt(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # The sum of its answers' costs (token_usage.cost_usd), and of their cached tokens; NULL until it has any.
+    cost_usd: Mapped[Decimal | None] = mapped_column(Numeric(12, 6))
+    cached_tokens: Mapped[int | None]
+    # ask --force: this prompt (all of its calls) may go past daily/monthly_budget_usd, once; no other prompt may.
+    force_budget: Mapped[bool] = mapped_column(default=False, server_default=false())
+    # ask --batch: sent through the Batch API; batch_name is the job's name ("batches/...") once it is created.
+    batch: Mapped[bool] = mapped_column(default=False, server_default=false())
+    batch_name: Mapped[str | None] = mapped_column(String(128))
 
     recordings: Mapped[list[PromptRecording]] = relationship(
         order_by="PromptRecording.position", cascade="all, delete-orphan"
@@ -229,6 +238,13 @@ class TokenUsage(Base):
     audio_tokens: Mapped[int] = mapped_column(default=0)
     output_tokens: Mapped[int] = mapped_column(default=0)
     thinking_tokens: Mapped[int] = mapped_column(default=0)
+    # cachedContentTokenCount: the part of prompt_tokens read from a context cache (billed at the cached price).
+    cached_tokens: Mapped[int] = mapped_column(default=0, server_default="0")
+    # Answered through the Batch API (input and output at half price).
+    batch: Mapped[bool] = mapped_column(default=False, server_default=false())
+    # The answer's cost in USD at the prices in force when it came (pricing.ledger_amount); NULL: the model had
+    # no price then (status prices it from the counts above once the table knows the model).
+    cost_usd: Mapped[Decimal | None] = mapped_column(Numeric(12, 6))
 
 
 class PromptRecording(Base):
@@ -344,3 +360,30 @@ class RateSlot(Base):
     at: Mapped[datetime] = mapped_column(UTCDateTime)
 
     __table_args__ = (Index("ix_rate_slots_model_at", "model", "at"),)
+
+
+class OutboxMessage(Base):
+    """One notification waiting to be delivered to one target (a webhook by name, "command" or "desktop"). Written
+    in the transaction of the event it announces, delivered afterwards by daemon.notify's engine work: at least
+    once, with `key` as the idempotency key the receiver can drop a repeat by."""
+
+    __tablename__ = "outbox"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    event: Mapped[str] = mapped_column(String(32))
+    # The same for every target and every attempt ("prompt-42-done"); unique per target.
+    key: Mapped[str] = mapped_column(String(128))
+    target: Mapped[str] = mapped_column(String(64))
+    payload: Mapped[str] = mapped_column(Text)  # JSON: the event's data
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    attempts: Mapped[int] = mapped_column(default=0)
+    # Due at this time while neither delivered nor given up.
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime, index=True)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    gave_up_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    claimed_by: Mapped[str | None] = mapped_column(String(128))
+    claimed_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    claim_token: Mapped[int] = mapped_column(default=0, server_default="0")
+
+    __table_args__ = (UniqueConstraint("key", "target", name="uq_outbox_key_target"),)

@@ -11,7 +11,6 @@ from db.models import DaemonState, Prompt, Recording, RemoteDeletion, TokenUsage
 from db.states import RecordingState
 
 
-
 def recording_counts(session: Session) -> dict[str, int]:
     rows = session.execute(select(Recording.state, func.count()).group_by(Recording.state)).all()
     return dict(rows)

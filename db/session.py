@@ -14,7 +14,7 @@ from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, Engine, Result, create_engine, event
+from sqlalchemy import CursorResult, Engine, Result, create_engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.errors import DatabaseError
@@ -68,6 +68,14 @@ def rowcount(result: Result[Any]) -> int:
     return cast("CursorResult[Any]", result).rowcount
 
 
+def advisory_lock(session: Session, name: str) -> None:
+    """Serialize a read-then-write across the nodes of a fleet (the storage ledger, a model's rate limit): a
+    PostgreSQL transaction lock taken now and released at commit. SQLite needs none: one daemon writes it."""
+    bind = session.get_bind()
+    if bind.dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(hashtext(:name))"), {"name": name})
+
+
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
 
@@ -86,14 +94,16 @@ def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
         session.close()
 
 
-def alembic_config(path: Path) -> Any:
+def alembic_config(where: Path | str) -> Any:
+    """Alembic's configuration for a SQLite file (a path) or any database URL."""
     from alembic.config import Config
 
     import migrations
 
     config = Config()
     config.set_main_option("script_location", migrations.__path__[0])
-    config.set_main_option("sqlalchemy.url", f"sqlite:///{path}")
+    url = where if isinstance(where, str) and "://" in where else f"sqlite:///{where}"
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))  # a password may hold a '%'
     return config
 
 
@@ -198,3 +208,69 @@ def head_revision() -> str | None:
 
 def known_revisions() -> set[str]:
     return set(_revisions())
+
+
+# -- the database of a configuration: the SQLite file in state_dir, or PostgreSQL (fleet mode) -------------------
+
+POSTGRES_TIMEOUTS = "-c statement_timeout=60000 -c idle_in_transaction_session_timeout=60000 -c TimeZone=UTC"
+
+
+def is_fleet(url: str | None) -> bool:
+    return bool(url) and str(url).startswith("postgresql")
+
+
+def open_engine(database_path: Path, url: str | None, *, readonly: bool = False) -> Engine:
+    """The engine for a configuration: SQLite (make_engine) unless `url` names PostgreSQL. On PostgreSQL a
+    connection is checked before use (the server may have restarted), a frozen client's transaction cannot hold
+    locks for long, and the read-only CLI gets read-only transactions."""
+    if not is_fleet(url):
+        return make_engine(database_path, readonly=readonly)
+    options = POSTGRES_TIMEOUTS + (" -c default_transaction_read_only=on" if readonly else "")
+    return create_engine(str(url), pool_pre_ping=True, pool_size=5, max_overflow=10, pool_recycle=600,
+                         connect_args={"connect_timeout": 5, "options": options})
+
+
+def migrate(database_path: Path, url: str | None) -> None:
+    """Bring the database to head: the SQLite file (upgrade_to_head), or PostgreSQL, where a schema newer than
+    this code is refused and nodes starting together migrate one at a time (migrations/env.py's advisory lock)."""
+    if not is_fleet(url):
+        upgrade_to_head(database_path)
+        return
+    engine = open_engine(database_path, url)
+    try:
+        current = schema_revision(engine)
+    finally:
+        engine.dispose()
+    head = head_revision()
+    if current == head:
+        return
+    if current is not None and current not in known_revisions():
+        raise DatabaseError(f"the database has schema {current}, newer than this audiodrop knows (up to {head})",
+                            "upgrade audiodrop on this node to the version the others run")
+    from alembic import command
+
+    command.upgrade(alembic_config(str(url)), "head")
+
+
+def describe_failure(err: BaseException, url: str | None) -> tuple[str, bool]:
+    """What a failure to reach the database means for a person, and whether waiting may help (the server is
+    down or unreachable) or not (wrong credentials, no such database): one clear line, never a traceback."""
+    message = str(getattr(err, "orig", None) or err).strip().splitlines()[0] if str(err).strip() else repr(err)
+    where = place(url)
+    lowered = message.lower()
+    if "password authentication failed" in lowered or "authentication failed" in lowered \
+            or "no pg_hba.conf entry" in lowered or "role" in lowered and "does not exist" in lowered:
+        return f"the database server at {where} refused the credentials ({message})", False
+    if "database" in lowered and "does not exist" in lowered:
+        return f"there is no such database at {where} ({message}); create it first (createdb)", False
+    return f"the database at {where} cannot be reached ({message})", True
+
+
+def place(url: str | None) -> str:
+    """Where the database is, for messages: host:port/name, never the password."""
+    if not is_fleet(url):
+        return "the SQLite file"
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(str(url))
+    return f"{parsed.host}:{parsed.port or 5432}/{parsed.database}"  # never the password

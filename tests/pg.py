@@ -40,6 +40,8 @@ from typing import Any
 
 import pytest
 
+from tests import leaks
+
 SUPERUSER = "audiodrop"
 SYSTEM_USER = "postgres"
 DIR_PREFIX = "audiodrop-pg-"
@@ -177,6 +179,7 @@ def sweep_stale_clusters(base: Path | None = None) -> list[Path]:
 # thread, so that they do not die when that thread does.
 _launcher_lock = threading.Lock()
 _launcher: Any = None
+leaks.outlives_tests(threads="pg-launcher")  # kept for the whole session, on purpose
 
 
 def _popen(argv: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
@@ -507,6 +510,7 @@ def postgres_server() -> Iterator[PostgresServer]:
     if reason:
         pytest.skip(reason)
     server = PostgresServer()
+    leaks.outlives_tests(processes=lambda: {server.pid})  # the cluster serves every test of the session
     try:
         server.start()
         yield server

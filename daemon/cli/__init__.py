@@ -11,11 +11,13 @@ from collections.abc import Callable
 from typing import Any
 
 import click
+from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from daemon.config import Settings, load_settings
 from daemon.errors import ConfigError, DaemonError
-from db.session import make_engine, make_sessionmaker
+from db.session import describe_failure, is_fleet, make_engine, make_sessionmaker, open_engine
 from db.states import PromptState, RecordingState
 
 STATES = [state.value for state in RecordingState]
@@ -46,10 +48,19 @@ def settings_or_exit(config_path: str | None) -> Settings:
 
 
 def open_session(settings: Settings, *, write: bool = False) -> Session | None:
-    """A session on the daemon's database, or None when the daemon has never run."""
-    if not settings.database_path.exists():
-        return None
-    engine = make_engine(settings.database_path, readonly=not write)
+    """A session on the daemon's database, or None when the daemon has never run (exit 1, one clear line, when
+    a fleet's database cannot be used)."""
+    if not is_fleet(settings.database_url):
+        if not settings.database_path.exists():
+            return None
+        return make_sessionmaker(make_engine(settings.database_path, readonly=not write))()
+    engine = open_engine(settings.database_path, settings.database_url, readonly=not write)
+    try:
+        with engine.connect() as connection:
+            if not connection.execute(text("SELECT to_regclass('alembic_version')")).scalar():
+                return None
+    except SQLAlchemyError as err:
+        fail(describe_failure(err, settings.database_url)[0])
     return make_sessionmaker(engine)()
 
 
@@ -143,7 +154,7 @@ def process_command(config_path: str | None, as_json: bool, paths: tuple[str, ..
 
 
 # The commands of the other modules register themselves on `main` when imported.
-from daemon.cli import ask, status  # noqa: E402,F401
+from daemon.cli import ask, search, status  # noqa: E402,F401
 
 if __name__ == "__main__":
     main()

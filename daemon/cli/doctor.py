@@ -220,8 +220,10 @@ def check_database(settings: Settings) -> Check:
     from sqlalchemy import inspect
     from sqlalchemy.exc import SQLAlchemyError
 
-    from db.session import alembic_config, check_integrity, head_revision, make_engine, schema_revision
+    from db.session import alembic_config, check_integrity, head_revision, is_fleet, make_engine, schema_revision
 
+    if is_fleet(settings.database_url):
+        return check_fleet_database(settings)
     path, head = settings.database_path, head_revision()
     if not path.exists():
         return Check("database", OK, f"{path} does not exist yet; the daemon creates it at its first start")
@@ -254,6 +256,39 @@ def check_database(settings: Settings) -> Check:
                      "(written by a newer version?)", "run the audiodrop version that wrote it, or upgrade this one")
     return Check("database", WARNING, f"{path} is at schema {revision or 'none (empty)'}, behind {head}: "
                  "it will be migrated at next start", f"nothing to do; to keep a copy first: `cp {path} {path}.bak`")
+
+
+def check_fleet_database(settings: Settings) -> Check:
+    """Fleet mode: the PostgreSQL database answers, its schema is one this audiodrop knows, and this machine's
+    clock is close to the database's (leases are judged by the database's clock; a skew only shows in logs)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from daemon.nodes import DatabaseClock
+    from db.session import describe_failure, head_revision, known_revisions, open_engine, place, schema_revision
+
+    engine = open_engine(settings.database_path, settings.database_url, readonly=True)
+    try:
+        revision = schema_revision(engine)
+        with engine.connect() as connection:
+            from sqlalchemy.orm import Session
+
+            skew = DatabaseClock().measure(Session(bind=connection))
+    except SQLAlchemyError as err:
+        message, _ = describe_failure(err, settings.database_url)
+        return Check("database", FAIL, message, "check database_url (or $AUDIODROP_DATABASE_URL) and that the "
+                                                "server runs and accepts this machine")
+    finally:
+        engine.dispose()
+    head = head_revision()
+    if revision is not None and revision not in known_revisions():
+        return Check("database", FAIL, f"the fleet's database is at schema {revision}, newer than this audiodrop "
+                     f"knows ({head})", "upgrade audiodrop on this node to the version the other nodes run")
+    detail = (f"the fleet's database ({place(settings.database_url)}) answers, schema {revision or 'none yet'} "
+              f"(newest {head}), clock skew {skew.total_seconds():+.2f} s")
+    if abs(skew.total_seconds()) > 5:
+        return Check("database", WARNING, detail, "keep this machine's clock synchronized (systemd-timesyncd or "
+                                                  "chrony); leases use the database's clock, logs use this one")
+    return Check("database", OK, detail)
 
 
 # -- API key and API -------------------------------------------------------------------------------------

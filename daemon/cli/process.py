@@ -24,8 +24,9 @@ import click
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from daemon import logs
+from daemon import logs, nodes
 from daemon.cli.views import prompt_json, recording_json
+from daemon.clock import SystemClock
 from daemon.config import Settings, find_api_key
 from daemon.context import Context
 from daemon.errors import DaemonError
@@ -34,7 +35,7 @@ from daemon.pipeline import intake, lifecycle
 from daemon.prompts import queue as prompt_queue
 from daemon.service import AlreadyRunning, acquire_lock, build_engine, ensure_instance_id, open_state
 from db.models import Prompt, PromptRecording, Recording, SourceAlias
-from db.session import make_engine, make_sessionmaker, session_scope
+from db.session import is_fleet, make_sessionmaker, open_engine, session_scope
 from db.states import PromptState as P
 from db.states import RecordingState as S
 
@@ -87,8 +88,14 @@ class Pipeline:
             key, _source = find_api_key(settings)
             client = GeminiClient(key, settings.gemini) if key and self.upload else None
             self.no_key = self.upload and client is None
+            fleet = is_fleet(settings.database_url)
+            node = settings.service.node_name
             self.ctx = Context(settings=settings, sessions=make_sessionmaker(database), client=client,
-                               holder=f"process-{os.getpid()}/{secrets.token_hex(4)}", wake=self.wake)
+                               clock=nodes.DatabaseClock() if fleet else SystemClock(), node=node, fleet=fleet,
+                               holder=f"{node}/process-{os.getpid()}-{secrets.token_hex(4)}", wake=self.wake)
+            if isinstance(self.ctx.clock, nodes.DatabaseClock):
+                with session_scope(self.ctx.sessions) as session:
+                    self.ctx.clock.measure(session)
             self.ctx.instance_id = ensure_instance_id(self.ctx)  # the daemon's display names: it knows our uploads
             unique: dict[str, str] = {}
             for arg in args:  # one item per file, however it is spelled
@@ -136,7 +143,7 @@ class Pipeline:
                 watch = intake.watch_for(item.path, self.settings)
                 known = lifecycle.discover(session, path=path, size=size, mtime_ns=mtime_ns, dev=info.st_dev,
                                            ino=info.st_ino, watch_root=str(watch.path) if watch else None,
-                                           closed_after_write=True, now=self.ctx.now(),
+                                           closed_after_write=True, now=self.ctx.now(), node=self.ctx.node,
                                            last_change_at=self.ctx.now() - intake.COMPLETE_AGO).id
             item.recording_id = known
             item.reused = session.get(Recording, known).state != S.DISCOVERED  # type: ignore[union-attr]
@@ -285,7 +292,7 @@ def main(settings: Settings, args: list[str], *, templates: list[str], prompt_te
     finally:
         if report.mode == "bars":
             report.bars.stop()
-    engine = make_engine(settings.database_path, readonly=True)
+    engine = open_engine(settings.database_path, settings.database_url, readonly=True)
     summary, failed = [], 0
     with session_scope(make_sessionmaker(engine)) as session:
         for item in items:

@@ -10,10 +10,12 @@ from typing import Any
 import click
 from sqlalchemy import select
 
+from daemon import nodes
 from daemon.cli import config_option, json_option, lock_holder, main, open_row, open_session, settings_or_exit
-from daemon.cli.views import PROMPT_STATES, STATES, iso, recording_json
+from daemon.cli.views import PROMPT_STATES, STATES, recording_json
+from daemon.clock import iso
 from db import queries
-from db.models import Recording
+from db.models import Node, Recording
 
 
 @main.command()
@@ -27,7 +29,7 @@ def status(config_path: str | None, as_json: bool) -> None:
     running = holder is not None
     counts: dict[str, int] = {}
     prompts: dict[str, int] = {}
-    used, foreign, upcoming, state = 0, 0, None, None
+    used, foreign, upcoming, state, local, fleet = 0, 0, None, None, None, []
     tokens_today = {"prompt": 0, "audio": 0, "output": 0, "thinking": 0}
     if session is not None:
         with session:
@@ -36,16 +38,20 @@ def status(config_path: str | None, as_json: bool) -> None:
             used = queries.ours_bytes(session)
             upcoming = queries.next_expiry(session)
             state = queries.daemon_state(session)
+            local = session.get(Node, settings.service.node_name)
+            fleet = nodes.listing(session, datetime.now(UTC))
             foreign = (state.foreign_bytes or 0) if state else 0
             tokens_today = queries.tokens_since(session, datetime.now(UTC).replace(hour=0, minute=0, second=0,
                                                                                    microsecond=0))
-    waiting = state.waiting_for if state and running else None
+    live = local is not None and running
     report: dict[str, Any] = {
-        "daemon": {"running": running, "pid": holder if running else None,
-                   "heartbeat_at": iso(state.heartbeat_at) if state else None, "waiting_for": waiting,
-                   "offline_since": iso(state.offline_since) if state and running else None,
-                   "unavailable_folders": (state.unavailable_folders or "").splitlines() if state and running
+        "daemon": {"running": running, "pid": holder if running else None, "node": settings.service.node_name,
+                   "heartbeat_at": iso(local.heartbeat_at) if local else None,
+                   "waiting_for": local.waiting_for if live and local else None,
+                   "offline_since": iso(local.offline_since) if live and local else None,
+                   "unavailable_folders": (local.unavailable_folders or "").splitlines() if live and local
                    else []},
+        "nodes": fleet,
         "recordings": {name: counts.get(name, 0) for name in STATES},
         "prompts": {name: prompts.get(name, 0) for name in PROMPT_STATES},
         "storage": {"used_bytes": used + foreign, "limit_bytes": settings.gemini.storage_limit_bytes,
@@ -67,8 +73,15 @@ def status(config_path: str | None, as_json: bool) -> None:
         console.print(f"daemon: [green]running[/green] (pid {report['daemon']['pid']})")
     else:
         console.print("daemon: [red]not running[/red]" + ("" if session else " (no database yet)"))
+    waiting = report["daemon"]["waiting_for"]
     if waiting:
         console.print(f"waiting: {waiting}")
+    if len(fleet) > 1:
+        for node in fleet:
+            work = ", ".join(f"{count} {what}" for what, count in node["work_in_hand"].items()) or "nothing in hand"
+            console.print(f"node {node['name']}: {'alive' if node['alive'] else 'silent'}, last heartbeat "
+                          f"{node['last_heartbeat']}, {work}" + (f"; {node['waiting_for']}" if node["waiting_for"]
+                                                                else ""))
     for folder in report["daemon"]["unavailable_folders"]:
         console.print(f"[yellow]unavailable drop folder[/yellow]: {folder}")
     table = Table("recordings", "count", "prompts", "count", box=None)

@@ -3,18 +3,14 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
+from daemon.clock import iso as iso  # re-exported: the CLI modules take it from here
 from db.models import Prompt, Recording
 from db.states import PromptState, RecordingState
 
 STATES = [state.value for state in RecordingState]
 PROMPT_STATES = [state.value for state in PromptState]
-
-
-def iso(value: datetime | None) -> str | None:
-    return value.astimezone(UTC).isoformat().replace("+00:00", "Z") if value else None
 
 
 def recording_json(recording: Recording) -> dict[str, Any]:
@@ -23,6 +19,7 @@ def recording_json(recording: Recording) -> dict[str, Any]:
         "id": recording.id,
         "source_path": recording.source_path,
         "state": recording.state,
+        "node": recording.node,
         "error": recording.error,
         "warning": recording.warning,
         "duration_seconds": recording.duration_seconds,

@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 from daemon.context import Context
 from daemon.engine import Claim
 from daemon.errors import PermanentError, RejectedInput, TransientError
-from daemon.pipeline import intake, lifecycle, remote, transcode
+from daemon.pipeline import copies, intake, lifecycle, remote, transcode
 from daemon.policy import backoff
 from daemon.prompts import queue as prompt_queue
 from db.models import Prompt, PromptRecording, Recording
@@ -95,9 +95,12 @@ class ConvertKind:
 
     def claim(self, session: Session, now: datetime, limit: int) -> list[Claim]:
         rules = self.ctx.settings.intake
+        # Only this node's files (a fleet's other nodes cannot read them); SKIP LOCKED: rows another node is
+        # claiming right now are passed over, not waited for (a no-op on SQLite).
         query = (select(Recording).where(Recording.state == S.DISCOVERED, lifecycle.is_free(now),
-                                         lifecycle.settled(now, rules.close_quiet_seconds, rules.settle_seconds))
-                 .order_by(Recording.id).limit(limit * 4))
+                                         lifecycle.settled(now, rules.close_quiet_seconds, rules.settle_seconds),
+                                         lifecycle.on_node(self.ctx.node, fleet=self.ctx.fleet))
+                 .order_by(Recording.id).limit(limit * 4).with_for_update(skip_locked=True))
         if self.only is not None:
             query = query.where(Recording.id.in_(self.only))
         candidates = session.scalars(query).all()
@@ -255,6 +258,9 @@ def _convert_open(ctx: Context, job: Job, descriptor: int) -> None:
             destination.unlink(missing_ok=True)
             return _back(ctx, job, "the file changed during conversion; converting it again")
         converted_sha256 = file_sha256(result.path)
+        if ctx.fleet:  # every node can reach it, also while this one sleeps
+            with session_scope(ctx.sessions) as session:
+                copies.store(session, converted_sha256, result.path)
     except FileNotFoundError:
         return _back(ctx, job, f"{name}: the file disappeared during conversion")
     except RejectedInput as err:
@@ -318,7 +324,8 @@ def _take_identity(ctx: Context, job: Job, sha256: str) -> bool:
                          original.state, original.id)
                 ctx.wake("convert")
                 return True
-            if not os.path.lexists(original.source_path) and original.state not in (S.DISCOVERED, S.CONVERTING):
+            if original.node == recording.node and not os.path.lexists(original.source_path) \
+                    and original.state not in (S.DISCOVERED, S.CONVERTING):
                 # The original's file is gone and this is the same audio: it was moved; follow it.
                 lifecycle.follow_move(session, original.id, path=recording.source_path,
                                       watch_root=recording.watch_root, size=recording.source_size,

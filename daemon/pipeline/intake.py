@@ -20,13 +20,14 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import select, update
+from sqlalchemy import ColumnElement, select, update
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.config import IntakeSettings, Settings, Watch
 from daemon.pipeline import lifecycle
 from db.models import Recording, SourceAlias
-from db.session import session_scope
+from db.session import advisory_lock, is_fleet, session_scope
 from db.states import RecordingState as S
 
 log = logging.getLogger(__name__)
@@ -136,43 +137,56 @@ def candidate(path: Path, settings: Settings) -> Candidate | None:
                      ino=info.st_ino)
 
 
-def _known(session: Session, found: Candidate) -> bool:
+def _mine(settings: Settings) -> ColumnElement[bool]:
+    """The recordings of this node's drop folders (in a fleet, the same path on another machine is another file)."""
+    return lifecycle.on_node(settings.service.node_name, fleet=is_fleet(settings.database_url))
+
+
+def _one_at_a_time(session: Session, settings: Settings) -> None:
+    """The watcher's thread and the catch-up scan may see one file at once: under PostgreSQL's READ COMMITTED both
+    would find no row and both insert one, so a node's sightings are serialized (SQLite writes one at a time)."""
+    advisory_lock(session, f"intake:{settings.service.node_name}")
+
+
+def _known(session: Session, found: Candidate, settings: Settings) -> bool:
     """Whether this exact file (path, size, mtime) was already taken as a recording or as a duplicate."""
     key = (str(found.path), found.size, found.mtime_ns)
     if session.scalar(select(Recording.id).where(Recording.source_path == key[0], Recording.source_size == key[1],
-                                                 Recording.source_mtime_ns == key[2]).limit(1)) is not None:
+                                                 Recording.source_mtime_ns == key[2], _mine(settings))
+                      .limit(1)) is not None:
         return True
     return session.scalar(select(SourceAlias.id).where(SourceAlias.path == key[0], SourceAlias.size == key[1],
                                                        SourceAlias.mtime_ns == key[2]).limit(1)) is not None
 
 
-def observe(session: Session, found: Candidate, *, closed: bool, now: datetime,
+def observe(session: Session, found: Candidate, *, closed: bool, now: datetime, settings: Settings,
             complete: bool = False) -> Recording | None:
     """Record a sighting of a candidate file: a new recording, a change to one still being written, or a file
     moved while the daemon was not looking (same filesystem identity, size and mtime: followed).
 
     `closed`: a writer just closed it. `complete`: it is known complete now (renamed or moved in while no process
     held it open for writing), so it is taken without waiting for the quiet period."""
+    _one_at_a_time(session, settings)
     path = str(found.path)
-    pending = session.scalar(select(Recording).where(Recording.source_path == path,
+    pending = session.scalar(select(Recording).where(Recording.source_path == path, _mine(settings),
                                                      Recording.state == S.DISCOVERED).limit(1))
     quiet_since = now - COMPLETE_AGO if complete else now
     if pending is None:
-        if _known(session, found):
+        if _known(session, found, settings):
             return None
-        moved = _moved_here(session, found)
+        moved = _moved_here(session, found, settings)
         if moved is not None:
             lifecycle.follow_move(session, moved.id, path=path, watch_root=str(found.watch.path), size=found.size,
                                   mtime_ns=found.mtime_ns, now=now)
             log.info("%s: recording %d, moved here; following it", path, moved.id)
             return moved
-        earlier = session.scalar(select(Recording.id).where(Recording.source_path == path,
+        earlier = session.scalar(select(Recording.id).where(Recording.source_path == path, _mine(settings),
                                                             Recording.state != S.DISCOVERED)
                                  .order_by(Recording.id.desc()).limit(1))
         recording = lifecycle.discover(session, path=path, size=found.size, mtime_ns=found.mtime_ns, dev=found.dev,
                                        ino=found.ino, watch_root=str(found.watch.path),
                                        closed_after_write=closed or complete, now=now, last_change_at=quiet_since,
-                                       supersedes_id=earlier)
+                                       supersedes_id=earlier, node=settings.service.node_name)
         log.info("%s: found, waiting for it to be complete", path)
         return recording
     changed = (pending.source_size, pending.source_mtime_ns) != (found.size, found.mtime_ns)
@@ -189,23 +203,25 @@ def observe(session: Session, found: Candidate, *, closed: bool, now: datetime,
     return pending
 
 
-def _moved_here(session: Session, found: Candidate) -> Recording | None:
+def _moved_here(session: Session, found: Candidate, settings: Settings) -> Recording | None:
     """A recording whose source file is this one under another name: same device, inode, size and mtime, and
     nothing left at the old path."""
     rows = session.scalars(select(Recording).where(Recording.source_dev == found.dev,
                                                    Recording.source_ino == found.ino,
                                                    Recording.source_size == found.size,
-                                                   Recording.source_mtime_ns == found.mtime_ns)).all()
+                                                   Recording.source_mtime_ns == found.mtime_ns,
+                                                   _mine(settings))).all()
     for recording in rows:
         if recording.source_path != str(found.path) and not os.path.lexists(recording.source_path):
             return recording
     return None
 
 
-def moved(session: Session, source: Path, found: Candidate | None, *, now: datetime) -> bool:
+def moved(session: Session, source: Path, found: Candidate | None, *, now: datetime, settings: Settings) -> bool:
     """A rename or move event: the recording whose source was `source` now lives at `found` (or, when `found` is
     None, left the drop folders or became a name that is not taken). True if a recording followed the move."""
-    recording = session.scalar(select(Recording).where(Recording.source_path == str(source))
+    _one_at_a_time(session, settings)
+    recording = session.scalar(select(Recording).where(Recording.source_path == str(source), _mine(settings))
                                .order_by(Recording.id.desc()).limit(1))
     if recording is None:
         return False
@@ -213,7 +229,7 @@ def moved(session: Session, source: Path, found: Candidate | None, *, now: datet
         if recording.state == S.DISCOVERED and lifecycle.forget(session, recording.id):
             log.info("%s: moved away before it was complete; forgotten", source)
         return False
-    if _known(session, found):
+    if _known(session, found, settings):
         return False
     lifecycle.follow_move(session, recording.id, path=str(found.path), watch_root=str(found.watch.path),
                           size=found.size, mtime_ns=found.mtime_ns, now=now)
@@ -223,16 +239,19 @@ def moved(session: Session, source: Path, found: Candidate | None, *, now: datet
     return True
 
 
-def refuse_name(session: Session, path: Path, watch: Watch, why: str, *, now: datetime) -> None:
+def refuse_name(session: Session, path: Path, watch: Watch, why: str, *, now: datetime, settings: Settings) -> None:
     """A file that cannot be taken as it is named: one rejected recording (shown with an escaped name) that says
     what to do, created once."""
+    _one_at_a_time(session, settings)
     shown = printable(path)
-    if session.scalar(select(Recording.id).where(Recording.source_path == shown).limit(1)) is not None:
+    if session.scalar(select(Recording.id).where(Recording.source_path == shown, _mine(settings)).limit(1)) \
+            is not None:
         return
     error = f"{os.path.basename(shown)}: {why}, so it cannot be stored or shown safely; rename the file (for example " \
             "with convmv) and it is taken at once"
     lifecycle.discover(session, path=shown, size=0, mtime_ns=0, watch_root=str(watch.path), closed_after_write=False,
-                       now=now, state=S.REJECTED, error=error, reason=f"refused {shown}: {why}")
+                       now=now, state=S.REJECTED, error=error, reason=f"refused {shown}: {why}",
+                       node=settings.service.node_name)
     log.warning("%s", error)
 
 
@@ -250,7 +269,7 @@ def take(sessions: sessionmaker[Session], path: Path, settings: Settings, *, now
         if why is not None:
             if watch is not None and not any(is_ignored_name(part) for part in printable(path).split("/")):
                 with session_scope(sessions) as session:
-                    refuse_name(session, path, watch, why, now=now)
+                    refuse_name(session, path, watch, why, now=now, settings=settings)
             return None
         found = candidate(path, settings)
         # A file renamed or moved into place with no process holding it open for writing is complete.
@@ -259,11 +278,13 @@ def take(sessions: sessionmaker[Session], path: Path, settings: Settings, *, now
             closed = not open_for_writing(found.path)
         with session_scope(sessions) as session:
             if moved_from is not None and storable_name(moved_from) is None \
-                    and moved(session, moved_from, found, now=now):
+                    and moved(session, moved_from, found, now=now, settings=settings):
                 return None
             if found is None:
                 return None
-            return observe(session, found, closed=closed, now=now, complete=complete)
+            return observe(session, found, closed=closed, now=now, complete=complete, settings=settings)
+    except OperationalError:
+        raise  # the database is down: the caller keeps the hint and tries again
     except Exception:
         log.exception("%s: could not be taken in; it is looked at again at the next scan", printable(path))
         return None
@@ -299,23 +320,24 @@ def scan_folder(folder: Path, settings: Settings) -> list[Candidate]:
     return found
 
 
-def unknown(session: Session, found: Iterable[Candidate]) -> Iterator[Candidate]:
+def unknown(session: Session, found: Iterable[Candidate], settings: Settings) -> Iterator[Candidate]:
     """The candidates that are not exactly (path, size, mtime) a file already taken: what a scan must look at.
     Reads the known files in batches, so a scan costs a few queries however many files the folders hold."""
     batch: list[Candidate] = []
     for item in found:
         batch.append(item)
         if len(batch) >= LOOKUP_BATCH:
-            yield from _unknown_batch(session, batch)
+            yield from _unknown_batch(session, batch, settings)
             batch = []
     if batch:
-        yield from _unknown_batch(session, batch)
+        yield from _unknown_batch(session, batch, settings)
 
 
-def _unknown_batch(session: Session, batch: list[Candidate]) -> Iterator[Candidate]:
+def _unknown_batch(session: Session, batch: list[Candidate], settings: Settings) -> Iterator[Candidate]:
     paths = [str(item.path) for item in batch]
     known = set(session.execute(select(Recording.source_path, Recording.source_size, Recording.source_mtime_ns)
-                                .where(Recording.source_path.in_(paths), Recording.state != S.DISCOVERED)).all())
+                                .where(Recording.source_path.in_(paths), Recording.state != S.DISCOVERED,
+                                       _mine(settings))).all())
     known |= set(session.execute(select(SourceAlias.path, SourceAlias.size, SourceAlias.mtime_ns)
                                  .where(SourceAlias.path.in_(paths))).all())
     for item in batch:
@@ -333,14 +355,16 @@ def scan_and_observe(sessions: sessionmaker[Session], settings: Settings, *, now
     for item in unnamed:  # each refused on its own; they never reach a query with the others
         take(sessions, item.path, settings, now=now)
     with session_scope(sessions) as session:
-        fresh = list(unknown(session, (item for item in items if storable_name(item.path) is None)))
+        fresh = list(unknown(session, (item for item in items if storable_name(item.path) is None), settings))
     settle_ns = settings.intake.settle_seconds * 1e9
     for item in fresh:
         old_enough = now.timestamp() * 1e9 - item.mtime_ns >= settle_ns
         try:
             complete = old_enough and not open_for_writing(item.path)
             with session_scope(sessions) as session:
-                observe(session, item, closed=False, now=now, complete=complete)
+                observe(session, item, closed=False, now=now, complete=complete, settings=settings)
+        except OperationalError:
+            raise
         except Exception:
             log.exception("%s: could not be taken in; it is looked at again at the next scan", printable(item.path))
     return len(fresh)

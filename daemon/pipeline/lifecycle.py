@@ -23,7 +23,7 @@ from sqlalchemy import ColumnElement, and_, delete, func, select, update
 from sqlalchemy.orm import Session
 
 from daemon.errors import IllegalTransition
-from db.models import Recording, RecordingEvent, SourceAlias
+from db.models import AudioCopy, Recording, RecordingEvent, SourceAlias
 from db.session import rowcount
 from db.states import RecordingState
 
@@ -145,14 +145,15 @@ def note(session: Session, recording_id: int, *, now: datetime, reason: str) -> 
 def discover(session: Session, *, path: str, size: int, mtime_ns: int, dev: int | None = None,
              ino: int | None = None, watch_root: str | None, closed_after_write: bool, now: datetime,
              last_change_at: datetime | None = None, supersedes_id: int | None = None,
-             state: RecordingState = S.DISCOVERED, error: str | None = None, reason: str | None = None) -> Recording:
+             state: RecordingState = S.DISCOVERED, error: str | None = None, reason: str | None = None,
+             node: str | None = None) -> Recording:
     """A new file appeared in a drop folder: it becomes a recording in `discovered` (or, for a name that cannot
     be taken at all, straight in `rejected` with the reason). `last_change_at` defaults to now."""
     recording = Recording(
         state=state, source_path=path, source_size=size, source_mtime_ns=mtime_ns, source_dev=dev, source_ino=ino,
         watch_root=watch_root, closed_after_write=closed_after_write, last_change_at=last_change_at or now,
         created_at=now,
-        state_changed_at=now, supersedes_id=supersedes_id, error=error,
+        state_changed_at=now, supersedes_id=supersedes_id, error=error, node=node,
     )
     session.add(recording)
     session.flush()
@@ -197,7 +198,8 @@ def revive(session: Session, original: Recording, duplicate: Recording, *, now: 
                     reason=f"the same audio arrived again as {duplicate.source_path}; converting it from there",
                     source_path=duplicate.source_path, source_size=duplicate.source_size,
                     source_mtime_ns=duplicate.source_mtime_ns, source_dev=duplicate.source_dev,
-                    source_ino=duplicate.source_ino, watch_root=duplicate.watch_root, closed_after_write=True,
+                    source_ino=duplicate.source_ino, watch_root=duplicate.watch_root, node=duplicate.node,
+                    closed_after_write=True,
                     last_change_at=now, error=None, next_attempt_at=None, attempts=0)
     if moved:
         session.execute(delete(Recording).where(Recording.id == duplicate.id))
@@ -220,7 +222,9 @@ def retry(session: Session, recording: Recording, *, now: datetime, reason: str)
     current = RecordingState(recording.state)
     if current not in (S.FAILED, S.REJECTED):
         return False
-    has_copy = bool(recording.converted_path) and os.path.exists(recording.converted_path or "")
+    has_copy = bool(recording.converted_path) and os.path.exists(recording.converted_path or "") or bool(
+        recording.converted_sha256 and session.scalar(select(AudioCopy.piece).where(
+            AudioCopy.sha256 == recording.converted_sha256).limit(1)) is not None)
     # A copy in a format the API refused is only the input of the next conversion (see target_format).
     wanted_copy = has_copy and recording.target_format in (None, recording.converted_format)
     target = S.CONVERTED if current is S.FAILED and wanted_copy else S.DISCOVERED
@@ -228,6 +232,12 @@ def retry(session: Session, recording: Recording, *, now: datetime, reason: str)
     if target is S.DISCOVERED:
         changes.update(closed_after_write=True, last_change_at=now)
     return advance(session, recording.id, expected=current, to=target, now=now, reason=reason, **changes)
+
+
+def on_node(node: str, *, fleet: bool) -> ColumnElement[bool]:
+    """Recordings whose files this node holds: its own; on a single node also those from before nodes had names."""
+    mine = Recording.node == node
+    return mine if fleet else mine | Recording.node.is_(None)
 
 
 def is_free(now: datetime) -> ColumnElement[bool]:

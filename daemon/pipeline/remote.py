@@ -37,7 +37,8 @@ def ledger(ctx: Context, session: Session) -> quota.Ledger:
     state = session.get(DaemonState, 1)
     gemini = ctx.settings.gemini
     return quota.Ledger(limit_bytes=gemini.storage_limit_bytes, headroom_bytes=gemini.storage_headroom_bytes,
-                        ours_bytes=queries.ours_bytes(session), foreign_bytes=(state.foreign_bytes or 0) if state else 0)
+                        ours_bytes=queries.ours_bytes(session),
+                        foreign_bytes=(state.foreign_bytes or 0) if state else 0)
 
 
 def make_room(ctx: Context, session: Session, size: int, *, now: datetime, evict: bool = True) -> bool:
@@ -107,7 +108,7 @@ class DeleteKind:
         due = session.scalars(select(RemoteDeletion).where(
             or_(RemoteDeletion.next_attempt_at.is_(None), RemoteDeletion.next_attempt_at <= now),
             or_(RemoteDeletion.claimed_until.is_(None), RemoteDeletion.claimed_until < now))
-            .order_by(RemoteDeletion.id).limit(limit)).all()
+            .order_by(RemoteDeletion.id).limit(limit).with_for_update(skip_locked=True)).all()
         claims = []
         for row in due:
             result = session.execute(update(RemoteDeletion).where(RemoteDeletion.id == row.id,

@@ -21,11 +21,11 @@ from daemon.context import Context
 from daemon.engine import Claim
 from daemon.errors import PermanentError
 from daemon.gemini import RemoteFile, display_name_for
-from daemon.pipeline import lifecycle, quota, remote
+from daemon.pipeline import copies, lifecycle, quota, remote
 from daemon.policy import Action
 from daemon.prompts import queue as prompt_queue
 from db.models import Recording
-from db.session import session_scope
+from db.session import advisory_lock, session_scope
 from db.states import RecordingState as S
 
 log = logging.getLogger(__name__)
@@ -47,13 +47,16 @@ class UploadKind:
         return self.ctx.settings.gemini.upload_workers
 
     def _query(self, state: S, now: datetime) -> Any:
-        query = select(Recording).where(Recording.state == state, lifecycle.is_free(now)).order_by(Recording.id)
+        query = (select(Recording).where(Recording.state == state, lifecycle.is_free(now)).order_by(Recording.id)
+                 .with_for_update(skip_locked=True))
         return query.where(Recording.id.in_(self.only)) if self.only is not None else query
 
     def claim(self, session: Session, now: datetime, limit: int) -> list[Claim]:
         ctx = self.ctx
         if ctx.client is None or ctx.pauses.paused(now, upload=True):
             return []
+        # The room check and the claims that reserve the bytes are one step for the whole fleet.
+        advisory_lock(session, "storage-ledger")
         claims: list[Claim] = []
         # Uploads interrupted earlier come first: they may have reached the server (their bytes are reserved).
         for recording in session.scalars(self._query(S.UPLOADING, now).limit(limit)).all():
@@ -129,9 +132,11 @@ def upload_recording(ctx: Context, recording_id: int, token: int, *, resuming: b
             return
         display_name = recording.upload_display_name or display_name_for(ctx.instance_id, recording.id,
                                                                           recording.converted_sha256 or "")
-        path = Path(recording.converted_path or "")
         mime_type = recording.converted_mime or "audio/ogg"
         attempts, size = recording.attempts, recording.converted_bytes or 0
+        session.expunge(recording)
+    # This node's file, or (a fleet) the copy kept in the database: outside the transaction, it may be fetched.
+    path = copies.local(ctx, recording) or Path(recording.converted_path or "")
     try:
         found = find_existing(ctx, display_name) if resuming else None
         if found is not None:
@@ -198,7 +203,7 @@ class ProcessingKind:
         due = session.scalars(select(Recording).where(
             Recording.state == S.PROCESSING, lifecycle.is_free(now),
             (Recording.next_attempt_at.is_(None)) | (Recording.next_attempt_at <= now))
-            .order_by(Recording.next_attempt_at).limit(limit)).all()
+            .order_by(Recording.next_attempt_at).limit(limit).with_for_update(skip_locked=True)).all()
         claims = []
         for recording in due:
             token = lifecycle.claim(session, recording.id, expected=S.PROCESSING, now=now, holder=self.ctx.holder,

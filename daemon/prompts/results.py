@@ -148,11 +148,6 @@ def write_result(text_path: Path, meta_path: Path, text: str, metadata: Mapping[
     atomic.write(meta_path, meta_bytes, marker=TEMP_MARKER, mode=FILE_MODE)
 
 
-def iso(value: datetime | None) -> str | None:
-    """A time as ISO 8601 UTC with a Z ("2026-11-30T12:00:00.123456Z"), as result metadata stores it."""
-    return _json_value(value) if value is not None else None
-
-
 def _json_value(value: Any) -> Any:
     """JSON for what metadata holds beyond plain types: times as ISO 8601 UTC ("...Z"), paths as strings."""
     if isinstance(value, datetime):

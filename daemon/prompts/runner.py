@@ -20,30 +20,30 @@ import math
 import os
 import re
 import threading
-from collections import defaultdict, deque
+import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import delete, func, or_, select, update
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
 
 from daemon import policy
-from daemon.clock import Clock
+from daemon.clock import Clock, iso
 from daemon.config import Settings
 from daemon.context import Context
 from daemon.engine import Claim
 from daemon.errors import GenerationTimeout, PermanentError, TransientError
 from daemon.gemini import FilePart, Generation, InlinePart
-from daemon.pipeline import lifecycle, remote, transcode
+from daemon.pipeline import copies, lifecycle, remote, transcode
 from daemon.policy import Action
-from daemon.prompts import chunking, results
+from daemon.prompts import chunking, results, search
 from daemon.prompts import lifecycle as prompt_lifecycle
 from daemon.prompts.queue import planned_delivery
-from db.models import Prompt, PromptPart, PromptRecording, Recording, TokenUsage
-from db.session import rowcount, session_scope
+from db.models import Prompt, PromptPart, PromptRecording, RateSlot, Recording, TokenUsage
+from db.session import advisory_lock, rowcount, session_scope
 from db.states import PromptState as P
 from db.states import RecordingState as S
 
@@ -85,24 +85,29 @@ RATE_WINDOW_SECONDS = 61.0
 
 
 class RateLimiter:
-    """At most `requests_per_minute` requests to each model over any sliding minute (for this run)."""
+    """At most `requests_per_minute` requests to each model over any sliding minute, for every daemon sharing the
+    database: the slots are rows, counted and taken under a lock (in a fleet, the database's advisory lock)."""
 
-    def __init__(self, clock: Clock, per_minute: int) -> None:
+    def __init__(self, sessions: sessionmaker[Session], clock: Clock, per_minute: int,
+                 window_seconds: float = RATE_WINDOW_SECONDS) -> None:
+        self.sessions = sessions
         self.clock = clock
         self.per_minute = per_minute
-        self.sent: dict[str, deque[datetime]] = defaultdict(deque)
-        self.lock = threading.Lock()
+        self.window_seconds = window_seconds
+        self.lock = threading.Lock()  # this process's workers; the advisory lock orders the fleet's
 
     def take(self, model: str) -> float:
         """0 if a request to `model` may go now (and counts it), else the seconds until one may."""
-        now = self.clock.now()
-        with self.lock:
-            sent = self.sent[model]
-            while sent and (now - sent[0]).total_seconds() >= RATE_WINDOW_SECONDS:
-                sent.popleft()
+        with self.lock, session_scope(self.sessions) as session:
+            advisory_lock(session, f"rate:{model}")
+            now = self.clock.now()
+            window = now - timedelta(seconds=self.window_seconds)
+            session.execute(delete(RateSlot).where(RateSlot.at < window))
+            sent = session.scalars(select(RateSlot.at).where(RateSlot.model == model, RateSlot.at >= window)
+                                   .order_by(RateSlot.at)).all()
             if len(sent) >= self.per_minute:
-                return RATE_WINDOW_SECONDS - (now - sent[0]).total_seconds()
-            sent.append(now)
+                return self.window_seconds - (now - sent[0]).total_seconds()
+            session.add(RateSlot(model=model, at=now))
             return 0.0
 
 
@@ -115,7 +120,7 @@ class PromptKind:
         self.ctx = ctx
         self.lease = lease
         self.only = only
-        self.limiter = RateLimiter(ctx.clock, ctx.settings.prompts.requests_per_minute)
+        self.limiter = RateLimiter(ctx.sessions, ctx.clock, ctx.settings.prompts.requests_per_minute)
 
     def workers(self) -> int:
         return self.ctx.settings.prompts.workers
@@ -126,7 +131,7 @@ class PromptKind:
         query = (select(Prompt.id).where(Prompt.state == P.QUEUED,
                                          or_(Prompt.next_attempt_at.is_(None), Prompt.next_attempt_at <= now),
                                          or_(Prompt.claimed_until.is_(None), Prompt.claimed_until < now))
-                 .order_by(Prompt.id).limit(limit))
+                 .order_by(Prompt.id).limit(limit).with_for_update(skip_locked=True))
         if self.only is not None:
             query = query.where(Prompt.id.in_(self.only))
         claims = []
@@ -276,7 +281,7 @@ def answer(ctx: Context, job: Job, limiter: RateLimiter) -> tuple[str, dict[str,
     if delivery == "chunks":
         return _answer_chunked(ctx, job, single, prompt.chunk_seconds or ctx.settings.prompts.chunk_seconds, limiter)
     if delivery == "inline":
-        data = Path(single.converted_path or "").read_bytes()
+        data = _copy_of(ctx, single).read_bytes()
         generation = _generate(ctx, job, [InlinePart(data, single.converted_mime or "audio/ogg")], limiter)
         return generation.text, _meta(generation, delivery="inline")
     parts: list[FilePart | InlinePart | str] = [FilePart(r.remote_uri or "", r.converted_mime or "") for r in
@@ -314,11 +319,12 @@ def _ready_remote(ctx: Context, job: Job) -> list[Recording]:
 def _generate(ctx: Context, job: Job, parts: list[FilePart | InlinePart | str], limiter: RateLimiter,
               *, text: str | None = None) -> Generation:
     prompt = job.prompt
+    assert ctx.client is not None
+    ctx.client.warm()
     wait = limiter.take(prompt.model)
     if wait:
         raise RateLimited(f"rate limit: at most {ctx.settings.prompts.requests_per_minute} requests a minute to "
                           f"{prompt.model}; next in {wait:.0f} s", ctx.now() + timedelta(seconds=wait))
-    assert ctx.client is not None
     generation = ctx.client.generate(prompt.model, [*parts, text or prompt.prompt_text],
                                      system_instruction=prompt.system_instruction,
                                      max_output_tokens=_budget(ctx, prompt),
@@ -351,6 +357,14 @@ def _meta(generation: Generation, *, delivery: str, chunks: int | None = None, f
             "thinking_tokens": generation.thinking_tokens, "chunks": chunks, "fixes": fixes or []}
 
 
+def _copy_of(ctx: Context, recording: Recording) -> Path:
+    """The recording's compact copy on this machine (in a fleet, fetched from the database if need be)."""
+    path = copies.local(ctx, recording)
+    if path is None:
+        raise PermanentError(f"recording {recording.id}: its compact copy is gone", "run `audiodrop retry ID` on it")
+    return path
+
+
 def _piece(ctx: Context, job: Job, recording: Recording, start: float, end: float, index: int) -> InlinePart:
     """An exact span of the recording, cut locally from the compact copy, as inline audio."""
     fmt = transcode.FORMATS[recording.converted_format or ctx.settings.conversion.format]
@@ -358,7 +372,7 @@ def _piece(ctx: Context, job: Job, recording: Recording, start: float, end: floa
     folder.mkdir(parents=True, exist_ok=True)
     destination = folder / f"prompt{job.prompt.id}-{index}{fmt.extension}"
     try:
-        transcode.cut(Path(recording.converted_path or ""), destination, fmt, start, end,
+        transcode.cut(_copy_of(ctx, recording), destination, fmt, start, end,
                       ffmpeg=ctx.settings.conversion.ffmpeg, ffprobe=ctx.settings.conversion.ffprobe)
         data = destination.read_bytes()
     finally:
@@ -552,7 +566,7 @@ def _metadata(job: Job, meta: dict[str, Any], now: datetime) -> dict[str, Any]:
     metadata: dict[str, Any] = {
         "prompt_id": prompt.id, "recordings": [Path(r.source_path).name for r in job.recordings],
         "recording_ids": [r.id for r in job.recordings], "template": prompt.template, "prompt": prompt.prompt_text,
-        "model": prompt.model, "created_at": results.iso(prompt.created_at), "finished_at": results.iso(now),
+        "model": prompt.model, "created_at": iso(prompt.created_at), "finished_at": iso(now),
         "span_start_seconds": prompt.span_start_seconds, "span_end_seconds": prompt.span_end_seconds, **meta,
     }
     if prompt.requested_model:
@@ -564,7 +578,23 @@ def _metadata(job: Job, meta: dict[str, Any], now: datetime) -> dict[str, Any]:
 
 def store_answer(ctx: Context, job: Job, text: str, meta: dict[str, Any]) -> bool:
     """The answer goes into the database at once, and the prompt is done: from here on nothing asks the model
-    again. False if the claim was lost meanwhile (another run owns the prompt now)."""
+    again. A database that does not answer is tried again (the answer is billed; it is not thrown away) for as long
+    as the claim's lease could still hold. False if the claim was lost meanwhile (another run owns the prompt)."""
+    deadline = time.monotonic() + ctx.settings.service.lease_seconds
+    delay = 0.5
+    while True:
+        try:
+            return _store_answer(ctx, job, text, meta)
+        except OperationalError:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("prompt %d: the database does not answer; keeping the answer and trying again in %.1f s",
+                        job.prompt.id, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+
+def _store_answer(ctx: Context, job: Job, text: str, meta: dict[str, Any]) -> bool:
     now = ctx.now()
     with session_scope(ctx.sessions) as session:
         stored = prompt_lifecycle.advance(
@@ -577,6 +607,7 @@ def store_answer(ctx: Context, job: Job, text: str, meta: dict[str, Any]) -> boo
             wait_kind=None, finished_at=now)
         if stored:
             session.execute(delete(PromptPart).where(PromptPart.prompt_id == job.prompt.id))
+            search.index_prompt(session, job.prompt.id)
     if not stored:
         log.warning("prompt %d: answered, but the claim was taken over meanwhile; this answer is not kept",
                     job.prompt.id)
@@ -638,7 +669,8 @@ class ResultFilesKind:
     def claim(self, session: Session, now: datetime, limit: int) -> list[Claim]:
         due = session.execute(select(Prompt.id, Prompt.claim_token).where(
             self._pending(now), or_(Prompt.next_attempt_at.is_(None), Prompt.next_attempt_at <= now),
-            or_(Prompt.claimed_until.is_(None), Prompt.claimed_until < now)).limit(limit)).all()
+            or_(Prompt.claimed_until.is_(None), Prompt.claimed_until < now)).limit(limit)
+            .with_for_update(skip_locked=True)).all()
         claims = []
         for prompt_id, token in due:
             taken = session.execute(update(Prompt).where(Prompt.id == prompt_id, Prompt.claim_token == token)
