@@ -62,6 +62,9 @@ class Recording(Base):
     # Set when the API refused the default format: the recording is re-encoded to this one.
     target_format: Mapped[str | None] = mapped_column(String(16))
     warning: Mapped[str | None] = mapped_column(Text)
+    # Work in progress, for `process`'s bars: seconds of audio converted, bytes of the upload sent.
+    progress_seconds: Mapped[float | None]
+    progress_bytes: Mapped[int | None] = mapped_column(Int64)
 
     remote_name: Mapped[str | None] = mapped_column(String(64), index=True)
     remote_uri: Mapped[str | None] = mapped_column(Text)
@@ -181,6 +184,15 @@ class Prompt(Base):
     # ask --batch: sent through the Batch API; batch_name is the job's name ("batches/...") once it is created.
     batch: Mapped[bool] = mapped_column(default=False, server_default=false())
     batch_name: Mapped[str | None] = mapped_column(String(128))
+    # Long silences are cut out of the audio sent (prompts.trimming): the map back to the recordings' own timeline
+    # (JSON, {recording id: TrimMap}) once built, and the seconds it saved.
+    trim: Mapped[bool] = mapped_column(default=False, server_default=false())
+    trim_map: Mapped[str | None] = mapped_column(Text)
+    trimmed_seconds: Mapped[float | None]
+    # Names for the speakers, in order of appearance (ask --speakers "Ana,Ben"), one per line.
+    speakers: Mapped[str | None] = mapped_column(Text)
+    # Result files written beside the main one: "srt,vtt".
+    extra_formats: Mapped[str | None] = mapped_column(String(64))
 
     recordings: Mapped[list[PromptRecording]] = relationship(
         order_by="PromptRecording.position", cascade="all, delete-orphan"
