@@ -1,6 +1,6 @@
 """Run every benchmark in turn with its default options and print their summary lines together at the end.
 
-    python -m bench.run_all                 # all four (about 10-15 minutes on 2 cores)
+    python -m bench.run_all                 # all of them (about 25-30 minutes on 2 cores)
     python -m bench.run_all --only pickup_latency,upload_overhead
 """
 
@@ -13,7 +13,8 @@ import time
 
 from bench.common import command_line
 
-BENCHMARKS = ("conversion_throughput", "pickup_latency", "idle_footprint", "burst_drain", "upload_overhead")
+BENCHMARKS = ("conversion_throughput", "pickup_latency", "idle_footprint", "burst_drain", "upload_overhead", "fleet",
+              "cost")
 
 
 def main(argv: list[str] | None = None) -> int:

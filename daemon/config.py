@@ -16,7 +16,7 @@ import re
 import socket
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args, get_origin
+from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args, get_origin
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -36,6 +36,9 @@ from pydantic_core import ErrorDetails, PydanticCustomError
 
 from daemon.errors import ConfigError
 from daemon.pipeline.transcode import FORMATS
+
+if TYPE_CHECKING:
+    from daemon.prompts import pricing
 
 BUILTIN_TEMPLATES = {
     "transcribe": (
@@ -95,6 +98,35 @@ def _database_url(value: str) -> str:
                                               "or leave it out for the SQLite file in state_dir")
 
 
+# What becomes of a source file once its recording is done (daemon.pipeline.sources), and when it is done.
+SourceAction = Literal["keep", "move", "delete"]
+SourceWhen = Literal["converted", "prompts_done"]
+
+
+def inside_folder(path: Path, folders: list[Path]) -> Path | None:
+    """The first of `folders` that holds `path` or is it, symlinks resolved; None when none does."""
+    real = Path(os.path.realpath(path))
+    for folder in folders:
+        root = Path(os.path.realpath(folder))
+        if real == root or root in real.parents:
+            return folder
+    return None
+
+
+def _move_to(value: Path | None, info: ValidationInfo) -> Path | None:
+    """A source moved into a drop folder would be taken again: refused, as is "move" with nowhere to go."""
+    if value is None:
+        if info.data.get("source_action") == "move":
+            raise PydanticCustomError("move_to", 'required with source_action = "move" (the folder sources go to)')
+        return None
+    folders = [*(info.context or {}).get("folders", ()), *([info.data["path"]] if "path" in info.data else [])]
+    clash = inside_folder(value, folders)
+    if clash is not None:
+        raise PydanticCustomError("move_to", f"{value} is inside the drop folder {clash}, where moved sources would "
+                                             "be taken again; name a folder outside every drop folder")
+    return value
+
+
 # TOML integers are fine where a float is expected; booleans are never numbers, strings never booleans.
 Int = Annotated[int, Strict()]
 Float = Annotated[float, Strict()]
@@ -118,6 +150,20 @@ class Watch:
     # None: decided at start from the filesystem type (inotify never fires on network and FUSE mounts).
     poll: Bool | None = Field(
         default=None, description="default: automatic (polling on NFS, SMB and FUSE mounts)", examples=[True])
+    # The folder's profile (.audiodrop.toml, daemon.profiles) may set these three too, and wins.
+    source_action: SourceAction = Field(
+        default="keep", description="what becomes of a source file once done: keep, move (to move_to) or delete")
+    source_when: SourceWhen = Field(
+        default="converted", description="done means: converted (its compact copy is made) or prompts_done "
+                                         "(every prompt over it has an answer; a failed one keeps the source)")
+    move_to: Annotated[UserPath, AfterValidator(Path.absolute)] | None = Field(
+        default=None, validate_default=True, examples=["/srv/recordings/done"],
+        description='where source_action = "move" puts sources (made if missing; never inside a drop folder)')
+
+    @field_validator("move_to")
+    @classmethod
+    def _move_to_outside(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        return _move_to(value, info)
 
 
 @dataclass(frozen=True, config=_TABLE)
@@ -206,6 +252,103 @@ class PromptSettings:
 
 
 @dataclass(frozen=True, config=_TABLE)
+class TrimmingSettings:
+    # Audio is billed at 32 tokens a second, speech or not. Defaults measured by bench/trimming.py.
+    enabled: Bool = Field(default=True, description="cut long silences out of transcripts' and summaries' audio")
+    min_silence_seconds: Float = Field(default=2.0, gt=0, description="a pause this long or shorter is kept whole")
+    keep_pause_seconds: Float = Field(default=1.0, ge=0, description="what is left of a longer silence")
+    pad_seconds: Float = Field(default=0.3, ge=0, description="kept on each side of speech, so no word is cut")
+    min_saving_seconds: Float = Field(
+        default=10.0, ge=0, description="below this saving the whole recording is sent as it is")
+
+
+@dataclass(frozen=True, config=_TABLE)
+class BatchSettings:
+    max_prompts: Int = Field(default=100, gt=0, description="prompts sent in one Batch API job")
+    gather_seconds: Float = Field(
+        default=60.0, ge=0, description="a batch prompt waits this long for others to share its job")
+    poll_seconds: Float = Field(default=60.0, gt=0, description="how often a running job is looked at")
+    min_file_hours: Float = Field(
+        default=30.0, gt=0, le=47, description="files that expire sooner are uploaded again before a job starts "
+                                             "(a job may take 24 h)")
+
+
+@dataclass(frozen=True, config=_TABLE)
+class ModelPrices:
+    # USD per million tokens. A key left out keeps the published price (daemon.prompts.pricing); a model without
+    # one needs input_per_million and output_per_million.
+    input_per_million: Float | None = Field(default=None, ge=0, examples=[0.30],
+                                            description="text, image and video input")
+    audio_input_per_million: Float | None = Field(default=None, ge=0, examples=[1.00],
+                                                  description="audio input (a new model: the text price)")
+    output_per_million: Float | None = Field(default=None, ge=0, examples=[2.50],
+                                             description="output, thinking tokens included")
+    cached_input_per_million: Float | None = Field(default=None, ge=0, examples=[0.03],
+                                                   description="text read from a context cache (a new model: no "
+                                                               "discount)")
+    cached_audio_per_million: Float | None = Field(default=None, ge=0, examples=[0.10],
+                                                   description="audio read from a context cache")
+    long_context_above_tokens: Int | None = Field(default=None, gt=0, examples=[200_000],
+                                                  description="prompts larger than this pay the long_* prices")
+    long_input_per_million: Float | None = Field(default=None, ge=0, examples=[2.50],
+                                                 description="text input above the long-context size")
+    long_audio_input_per_million: Float | None = Field(default=None, ge=0, examples=[2.50],
+                                                       description="audio input above it")
+    long_output_per_million: Float | None = Field(default=None, ge=0, examples=[15.00], description="output above it")
+    long_cached_input_per_million: Float | None = Field(default=None, ge=0, examples=[0.25],
+                                                        description="cached text above it")
+    long_cached_audio_per_million: Float | None = Field(default=None, ge=0, examples=[0.25],
+                                                        description="cached audio above it")
+    batch_discount: Float | None = Field(default=None, ge=0, le=1, examples=[0.5],
+                                         description="off input and output in the Batch API (0.5: half)")
+
+
+EventName = Literal["result.done", "prompt.failed", "recording.rejected", "recording.failed", "quota.full",
+                    "budget.reached", "daemon.offline"]
+
+
+def _webhook_url(value: str) -> str:
+    """http or https with a host. The value is never echoed: it may hold a token."""
+    parts = urlsplit(value)
+    if parts.scheme in ("http", "https") and parts.hostname:
+        return value
+    raise PydanticCustomError("webhook_url", "not a usable webhook URL; use https://HOST/PATH (or http://)")
+
+
+@dataclass(frozen=True, config=_TABLE)
+class Webhook:
+    url: Annotated[str, AfterValidator(_webhook_url)] = Field(
+        description="events are POSTed here as signed JSON", examples=["https://hooks.example.org/audiodrop"])
+    name: str | None = Field(
+        default=None, min_length=1, max_length=64, examples=["home"],
+        description="its name in the outbox and the log (default: made from a hash of the url)")
+    secret: str | None = Field(
+        default=None, repr=False, examples=["a-long-random-string"],
+        description="the HMAC-SHA256 key of X-Audiodrop-Signature (or secret_file; none: unsigned)")
+    secret_file: UserPath | None = Field(
+        default=None, examples=["$CREDENTIALS_DIRECTORY/webhook-secret"],
+        description="a file holding the secret, read at each delivery")
+    events: tuple[EventName, ...] = Field(
+        default=(), examples=[["result.done", "prompt.failed"]], description="the events sent here (none: all)")
+    timeout_seconds: Float = Field(default=10.0, gt=0, description="time limit of one delivery attempt")
+
+
+@dataclass(frozen=True, config=_TABLE)
+class NotifySettings:
+    on_result: tuple[str, ...] = Field(
+        default=(), examples=[["notify-send", "audiodrop", "{summary}"]],
+        description='a command run for every result: argv, never a shell; "{summary}", "{result_path}", '
+                    '"{prompt_id}" ... are filled in')
+    command_timeout_seconds: Float = Field(
+        default=30.0, gt=0, description="time limit of that command; then it is killed and tried again later")
+    desktop: Bool = Field(
+        default=False, description="desktop notifications with notify-send (the user service, with a session bus)")
+    offline_after_seconds: Float = Field(
+        default=3600.0, gt=0, description="daemon.offline is sent once the API has been unreachable this long "
+                                          "(or the daemon was stopped this long)")
+
+
+@dataclass(frozen=True, config=_TABLE)
 class ServiceSettings:
     # Work is claimed under a lease that the daemon renews while it works; a daemon that died or lost its
     # database keeps no work longer than this.
@@ -222,7 +365,16 @@ class Template:
                         examples=["Write the minutes of this meeting: decisions, action items with owners."])
     model: str | None = Field(default=None, description="default: gemini.model", examples=["gemini-2.5-pro"])
     system_instruction: str | None = Field(default=None, description="optional", examples=["Be concise."])
-    output_format: Literal["markdown", "text", "json"] = Field(default="markdown", description="markdown, text or json")
+    output_format: Literal["markdown", "text", "json", "srt", "vtt"] = Field(
+        default="markdown",
+        description="markdown, text, json, or subtitles: srt or vtt (from a timestamped transcript)")
+    formats: tuple[Literal["srt", "vtt"], ...] = Field(
+        default=(), examples=[["srt", "vtt"]], description="subtitle files written beside the main result")
+    trim: Bool | None = Field(
+        default=None, examples=[False],
+        description="cut long silences from the audio sent (default: trimming.enabled for transcribe and summarize, "
+                    "off for the others)")
+    batch: Bool = Field(default=False, description="send through the Batch API at half price (results within hours)")
     # The table's own name ([templates.NAME]), filled in by Settings; not a key.
     name: str = Field(default="", init=False, exclude=True)
 
@@ -250,6 +402,21 @@ class Settings:
                                    description="when a dropped file counts as completely written")
     prompts: PromptSettings = Field(default_factory=lambda: PromptSettings(), description="how prompts run")
     service: ServiceSettings = Field(default_factory=lambda: ServiceSettings(), description="the daemon's work engine")
+    trimming: TrimmingSettings = Field(default_factory=lambda: TrimmingSettings(),
+                                       description="long silences cut out before audio goes to a prompt")
+    batch: BatchSettings = Field(default_factory=lambda: BatchSettings(),
+                                 description="the Batch API lane (templates with batch = true, ask --batch)")
+    daily_budget_usd: Float | None = Field(
+        default=None, gt=0, examples=[5.0],
+        description="prompts wait when the next would pass this day's spend (UTC); ask --force goes past it once")
+    monthly_budget_usd: Float | None = Field(
+        default=None, gt=0, examples=[50.0], description="the same for the calendar month (UTC)")
+    prices: dict[str, ModelPrices] = Field(
+        default_factory=dict, description="per model, USD per million tokens: changes or adds to the published prices")
+    webhooks: tuple[Webhook, ...] = Field(
+        default=(), description="one table per webhook: events POSTed as signed JSON")
+    notify: NotifySettings = Field(default_factory=lambda: NotifySettings(),
+                                   description="the command hook and desktop notifications")
     templates: dict[str, Template] = Field(
         default_factory=dict, validate_default=True,
         description="your own templates; transcribe and summarize are built in (and can be redefined)")
@@ -274,6 +441,29 @@ class Settings:
             object.__setattr__(template, "name", name)  # the frozen-dataclass idiom for a derived field
         return value
 
+    @field_validator("prices")
+    @classmethod
+    def _priced(cls, value: dict[str, ModelPrices]) -> dict[str, ModelPrices]:
+        from daemon.prompts import pricing
+
+        try:
+            pricing.DEFAULT_PRICES.with_overrides(value)
+        except ValueError as err:
+            raise PydanticCustomError("price", str(err)) from None
+        return value
+
+    @field_validator("webhooks")
+    @classmethod
+    def _distinct_names(cls, value: tuple[Webhook, ...]) -> tuple[Webhook, ...]:
+        """Deliveries find their webhook by name: names are unique, and not those of the other targets."""
+        from daemon.notify import COMMAND, DESKTOP, webhook_name
+
+        names = [webhook_name(hook) for hook in value]
+        clash = next((name for name in names if names.count(name) > 1 or name in (COMMAND, DESKTOP)), None)
+        if clash is not None:
+            raise PydanticCustomError("webhook_name", f"the webhook name {clash!r} is used twice or reserved")
+        return value
+
     @field_validator("source", mode="before")
     @classmethod
     def _set_by_loader(cls, value: object, info: ValidationInfo) -> object:
@@ -294,6 +484,18 @@ class Settings:
     @property
     def lock_path(self) -> Path:
         return self.state_dir / "daemon.lock"
+
+    @property
+    def price_table(self) -> pricing.Prices:
+        from daemon.prompts import pricing
+
+        return pricing.DEFAULT_PRICES.with_overrides(self.prices)
+
+    @property
+    def budget(self) -> pricing.Budget:
+        from daemon.prompts import pricing
+
+        return pricing.Budget.of(self.daily_budget_usd, self.monthly_budget_usd)
 
     def excluded_dirs(self) -> tuple[Path, ...]:
         """Folders the watcher must never take files from: the daemon's own output."""
@@ -336,9 +538,13 @@ def load_settings(explicit: str | os.PathLike[str] | None = None) -> Settings:
         data = {**data, "database_url": os.environ[DATABASE_URL_VARIABLE]}
     templates = data.get("templates")
     known = set(BUILTIN_TEMPLATES) | (set(templates) if isinstance(templates, dict) else set())
+    watches = data.get("watch")
+    # Every drop folder, for the [[watch]] tables' move_to (a source moved into one would be taken again).
+    folders = [Path(os.path.expandvars(w["path"])).expanduser().absolute() for w in watches
+               if isinstance(w, dict) and isinstance(w.get("path"), str)] if isinstance(watches, list) else []
     try:
         return _SETTINGS.validate_python(data, by_alias=True, by_name=False,
-                                         context={"source": path, "templates": known})
+                                         context={"source": path, "templates": known, "folders": folders})
     except ValidationError as err:
         problems = [_problem(error, from_env) for error in err.errors()
                     if error["type"] != "default_factory_not_called"]  # a consequence of another problem
@@ -361,13 +567,20 @@ _MESSAGES = {
     "dataclass_type": "expected a table, got {got}",
     "literal_error": "expected {expected}, got {got}",
     "string_too_short": "must not be empty",
+    "less_than_equal": "must be at most {le:g}, got {got}",
 }
 
 
-def _problem(error: ErrorDetails, database_url_from_env: bool) -> str:
+def describe_problems(err: ValidationError, root: object) -> list[str]:
+    """Each problem of a validation against the schema class `root` (a folder profile's, say) as
+    "dotted.key: message", as the main configuration's are reported."""
+    return [_problem(error, False, root) for error in err.errors() if error["type"] != "default_factory_not_called"]
+
+
+def _problem(error: ErrorDetails, database_url_from_env: bool, root: object = None) -> str:
     """One pydantic error as "dotted.key: message", with watch[N] indexes."""
     loc = error["loc"]
-    keys, field = _lookup(loc)
+    keys, field = _lookup(loc, root or Settings)
     if error["type"] not in _MESSAGES:
         message = error["msg"]  # ours (PydanticCustomError) already read well
     else:
@@ -389,9 +602,9 @@ def _keys(node: object) -> dict[str, FieldInfo]:
     return {info.alias or name: info for name, info in fields.items() if not info.exclude}
 
 
-def _lookup(loc: tuple[int | str, ...]) -> tuple[dict[str, FieldInfo], FieldInfo | None]:
+def _lookup(loc: tuple[int | str, ...], root: object) -> tuple[dict[str, FieldInfo], FieldInfo | None]:
     """The keys allowed where loc's last part sits, and the field it names (None if it names none)."""
-    node: object = Settings
+    node: object = root
     keys: dict[str, FieldInfo] = {}
     field: FieldInfo | None = None
     for part in loc:
@@ -433,7 +646,8 @@ def find_api_key(settings: Settings) -> tuple[str | None, str]:
     return None, "none found"
 
 
-_EXAMPLE_TEMPLATE = "minutes"
+# The name shown in the reference for each [table.NAME]: a template, a model.
+_EXAMPLE_NAMES = {"templates": "minutes", "prices": "gemini-2.5-flash"}
 
 
 def schema_keys() -> dict[str, tuple[str, ...]]:
@@ -458,7 +672,8 @@ def _tables() -> list[tuple[str, str, dict[str, FieldInfo]]]:
     tables = [("", "", {key: field for key, field in top.items() if key not in nested})]
     for key, field in nested.items():
         origin = get_origin(field.annotation)
-        header = f"[[{key}]]" if origin is tuple else f"[{key}.{_EXAMPLE_TEMPLATE}]" if origin is dict else f"[{key}]"
+        header = f"[[{key}]]" if origin is tuple else \
+            f"[{key}.{_toml_key(_EXAMPLE_NAMES.get(key, 'name'))}]" if origin is dict else f"[{key}]"
         tables.append((header, field.description or "", _keys(_element(field.annotation))))
     return tables
 

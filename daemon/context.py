@@ -145,3 +145,21 @@ class Context:
 
     def now(self) -> datetime:
         return self.clock.now()
+
+
+class ContextKind:
+    """What every kind of engine work run for the daemon holds: the context and the engine's lease (a callable:
+    now -> the end of a new lease). A kind sets `name` and, when it runs more than one at a time, `workers`."""
+
+    name = ""
+
+    def __init__(self, ctx: Context, lease: Callable[[datetime], datetime]) -> None:
+        self.ctx = ctx
+        self.lease = lease
+
+    def workers(self) -> int:
+        return 1
+
+    def api_unusable(self, now: datetime) -> bool:
+        """No key, or API calls paused (offline, a refused key, the database lost): claim nothing that calls it."""
+        return self.ctx.client is None or self.ctx.pauses.paused(now)

@@ -12,7 +12,7 @@ import base64
 import logging
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -78,6 +78,8 @@ class Generation:
     output_tokens: int | None
     model_version: str | None
     thinking_tokens: int | None = None  # billed as output, not part of the text
+    cached_tokens: int | None = None  # cachedContentTokenCount: the part of prompt_tokens read from a cache
+    cached_audio_tokens: int | None = None  # the AUDIO entry of cacheTokensDetails (None: not given)
 
 
 def _contents(parts: list[FilePart | InlinePart | str]) -> list[types.Part]:
@@ -198,6 +200,107 @@ def convert_api_errors(subject: str) -> Iterator[None]:
         raise translated from err
 
 
+def generation_of(response: types.GenerateContentResponse) -> Generation:
+    """A generateContent answer (direct, or one of a batch's) as the daemon keeps it."""
+    candidate = response.candidates[0] if response.candidates else None
+    reason = candidate.finish_reason.value if candidate is not None and candidate.finish_reason else "NONE"
+    usage = response.usage_metadata
+
+    def audio_of(details: list[types.ModalityTokenCount] | None) -> int | None:
+        if not details:
+            return None
+        return sum(d.token_count or 0 for d in details if d.modality is not None and d.modality.value == "AUDIO")
+
+    text = ""
+    if candidate is not None and candidate.content is not None and candidate.content.parts:
+        text = "".join(part.text or "" for part in candidate.content.parts if not part.thought)
+    return Generation(text=text, finish_reason=reason,
+                      prompt_tokens=usage.prompt_token_count if usage else None,
+                      audio_tokens=audio_of(usage.prompt_tokens_details) if usage else None,
+                      output_tokens=usage.candidates_token_count if usage else None,
+                      model_version=response.model_version,
+                      thinking_tokens=usage.thoughts_token_count if usage else None,
+                      cached_tokens=usage.cached_content_token_count if usage else None,
+                      cached_audio_tokens=audio_of(usage.cache_tokens_details) if usage else None)
+
+
+# -- the Batch API (daemon.prompts.batch) -------------------------------------------------------------------------
+# A job's states as the SDK names them, without the JOB_STATE_ prefix. PARTIALLY_SUCCEEDED (Vertex only) carries
+# answers like SUCCEEDED; the others end a job without any.
+BATCH_FINISHED = frozenset({"SUCCEEDED", "PARTIALLY_SUCCEEDED", "FAILED", "CANCELLED", "EXPIRED"})
+
+
+@dataclass(frozen=True)
+class BatchRequest:
+    """One generateContent request of a Batch API job; `key` travels as its metadata and names its answer."""
+
+    key: str
+    parts: list[FilePart | InlinePart | str]
+    system_instruction: str | None = None
+    max_output_tokens: int | None = None
+    thinking_budget: int | None = None
+
+
+@dataclass(frozen=True)
+class BatchAnswer:
+    """One request's outcome: its generation, or its own error (google.rpc.Status: gRPC code and message)."""
+
+    generation: Generation | None
+    error: str | None = None
+    code: int | None = None
+
+
+@dataclass(frozen=True)
+class BatchJob:
+    name: str
+    state: str  # PENDING, RUNNING, SUCCEEDED, FAILED, CANCELLED, EXPIRED, ... (see BATCH_FINISHED)
+    display_name: str | None
+    answers: dict[str, BatchAnswer]  # by request key; a request without an answer is missing
+    error: str | None = None
+    by_order: int = 0  # answers matched to requests by their position, for want of metadata
+
+    @property
+    def finished(self) -> bool:
+        return self.state in BATCH_FINISHED
+
+
+def match_answers(keys: list[str], answers: list[tuple[str | None, BatchAnswer]]) -> tuple[dict[str, BatchAnswer],
+                                                                                          int]:
+    """Answers to the requests they belong to. Each answer names its request by the key in its metadata; the
+    service has been seen to return inlined answers out of order (python-genai #1909) and, now and then, without
+    their metadata. Answers without a key are given, in order, to the requests not answered by key, and only when
+    their numbers agree: order is the one clue left, and it is right only if the service kept the order. Returns
+    the answers by key and how many were matched by position."""
+    matched: dict[str, BatchAnswer] = {}
+    unlabelled: list[BatchAnswer] = []
+    for key, answer in answers:
+        if key is None:
+            unlabelled.append(answer)
+        elif key in keys and key not in matched:
+            matched[key] = answer  # an unknown or repeated key names no request of ours: left out
+    rest = [key for key in keys if key not in matched]
+    if unlabelled and len(unlabelled) == len(rest):
+        matched.update(zip(rest, unlabelled, strict=True))
+        return matched, len(rest)
+    return matched, 0
+
+
+def _batch_job(job: types.BatchJob, keys: list[str]) -> BatchJob:
+    state = job.state.value.removeprefix("JOB_STATE_") if job.state is not None else "STATE_UNSPECIFIED"
+    answers: list[tuple[str | None, BatchAnswer]] = []
+    for item in (job.dest.inlined_responses if job.dest is not None else None) or []:
+        key = (item.metadata or {}).get("key")
+        if item.response is not None:
+            answers.append((key, BatchAnswer(generation_of(item.response))))
+        else:
+            status = item.error
+            answers.append((key, BatchAnswer(None, status.message if status else "the request has no answer",
+                                             status.code if status else None)))
+    matched, by_order = match_answers(keys, answers)
+    return BatchJob(name=job.name or "", state=state, display_name=job.display_name, answers=matched,
+                    error=job.error.message if job.error is not None else None, by_order=by_order)
+
+
 class GeminiClient:
     """Files API and prompts over the real SDK, with explicit timeouts and retries. The SDK (about 40 MB of
     memory) is imported at the first call, so a daemon with no API work to do never loads it."""
@@ -234,8 +337,12 @@ class GeminiClient:
         """Load the SDK now: a request counted against a rate limit must leave at once, not a second later."""
         self._client  # noqa: B018 (the property imports and builds the client)
 
-    def upload(self, path: Path, *, mime_type: str, display_name: str) -> RemoteFile:
+    def upload(self, path: Path, *, mime_type: str, display_name: str,
+               progress: Callable[[int], None] | None = None) -> RemoteFile:
+        """`progress`: told the bytes handed to the SDK so far (it sends each chunk of up to 8 MB as it reads it)."""
         from google.genai import types
+
+        from daemon.counting_reader import CountingReader
 
         # An open file object, not a path: the SDK puts a path's basename in a header, which breaks on
         # non-ASCII names. The MIME type is always explicit (guessing is host-dependent).
@@ -245,7 +352,8 @@ class GeminiClient:
             http_options=types.HttpOptions(timeout=int(self.settings.upload_timeout_seconds * 1000)),
         )
         with convert_api_errors(f"upload of {path.name}"), open(path, "rb") as stream:
-            return _remote(self._client.files.upload(file=stream, config=config))
+            source = stream if progress is None else CountingReader(stream, progress)
+            return _remote(self._client.files.upload(file=source, config=config))
 
     def get(self, name: str) -> RemoteFile:
         with convert_api_errors(f"files.get {name}"):
@@ -284,22 +392,56 @@ class GeminiClient:
                                         "prompts.generate_timeout_seconds is the time limit of one generation") \
                     from err.__cause__
             raise
-        candidate = response.candidates[0] if response.candidates else None
-        reason = candidate.finish_reason.value if candidate is not None and candidate.finish_reason else "NONE"
-        usage = response.usage_metadata
-        audio = None
-        if usage is not None and usage.prompt_tokens_details:
-            audio = sum(d.token_count or 0 for d in usage.prompt_tokens_details
-                        if d.modality is not None and d.modality.value == "AUDIO")
-        return Generation(text=response.text or "", finish_reason=reason,
-                          prompt_tokens=usage.prompt_token_count if usage else None, audio_tokens=audio,
-                          output_tokens=usage.candidates_token_count if usage else None,
-                          model_version=response.model_version,
-                          thinking_tokens=usage.thoughts_token_count if usage else None)
+        return generation_of(response)
 
     def count_tokens(self, model: str, parts: list[FilePart | InlinePart | str]) -> int:
         with convert_api_errors(f"countTokens on {model}"):
             return int(self._client.models.count_tokens(model=model, contents=_contents(parts)).total_tokens or 0)
+
+    # -- the Batch API -----------------------------------------------------------------------------------------
+
+    def create_batch(self, model: str, requests: list[BatchRequest], display_name: str) -> str:
+        """Create a Batch API job of inlined requests; its name ("batches/..."). Sent once: a create whose answer
+        is lost may still have made the job, which the caller finds again by `display_name` (find_batch)."""
+        from google.genai import types
+
+        inlined = []
+        for request in requests:
+            thinking = types.ThinkingConfig(thinking_budget=request.thinking_budget) \
+                if request.thinking_budget is not None else None
+            config = types.GenerateContentConfig(system_instruction=request.system_instruction,
+                                                 max_output_tokens=request.max_output_tokens, thinking_config=thinking)
+            inlined.append(types.InlinedRequest(contents=[types.Content(role="user", parts=_contents(request.parts))],
+                                                metadata={"key": request.key}, config=config))
+        options = types.CreateBatchJobConfig(display_name=display_name, http_options=types.HttpOptions(
+            retry_options=types.HttpRetryOptions(attempts=1)))
+        with convert_api_errors(f"batches.create on {model}"):
+            job = self._client.batches.create(model=model, src=inlined, config=options)
+        return job.name or ""
+
+    def get_batch(self, name: str, keys: list[str]) -> BatchJob:
+        """A job's state and, once it has them, its answers by request key (`keys`: the requests' keys, in the
+        order they were sent)."""
+        with convert_api_errors(f"batches.get {name}"):
+            return _batch_job(self._client.batches.get(name=name), keys)
+
+    def find_batch(self, display_name: str, *, newest: int = 200) -> str | None:
+        """The name of the job with this display name among the `newest` jobs, if one is there."""
+        with convert_api_errors("batches.list"):
+            for index, job in enumerate(self._client.batches.list(config={"page_size": 50})):
+                if job.display_name == display_name:
+                    return job.name
+                if index + 1 >= newest:
+                    break
+        return None
+
+    def cancel_batch(self, name: str) -> None:
+        with convert_api_errors(f"batches.cancel {name}"):
+            self._client.batches.cancel(name=name)
+
+    def delete_batch(self, name: str) -> None:
+        with convert_api_errors(f"batches.delete {name}"):
+            self._client.batches.delete(name=name)
 
     def close(self) -> None:
         with self._lock:

@@ -80,6 +80,12 @@ def heartbeat(session: Session, name: str, run_id: str, beat: Beat, now: datetim
     node.unavailable_folders = "\n".join(beat.unavailable) or None
 
 
+def last_heartbeat(session: Session, name: str) -> datetime | None:
+    """The last heartbeat of node `name` before this run (None: never ran here)."""
+    node = session.get(Node, name)
+    return node.heartbeat_at if node is not None else None
+
+
 def stopped(session: Session, name: str, run_id: str, now: datetime) -> None:
     session.execute(update(Node).where(Node.name == name, Node.run_id == run_id).values(stopped_at=now)
                     .execution_options(synchronize_session=False))

@@ -23,7 +23,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
-from daemon import nodes, systemd
+from daemon import nodes, notify, systemd
 from daemon.clock import SystemClock
 from daemon.config import Settings, find_api_key, load_settings
 from daemon.context import Context
@@ -33,10 +33,11 @@ from daemon.errors import ConfigError, DaemonError, DatabaseError
 from daemon.gemini import GeminiClient
 from daemon.pipeline import intake, lifecycle, remote, transcode
 from daemon.pipeline.conversion import ConvertKind
+from daemon.pipeline.sources import SourceKind
 from daemon.pipeline.upload import ProcessingKind, UploadKind
 from daemon.pipeline.watcher import Hint, Watcher
+from daemon.prompts import batch, results
 from daemon.prompts import lifecycle as prompt_lifecycle
-from daemon.prompts import results
 from daemon.prompts import runner as prompt_runner
 from daemon.wakeup import Listener
 from db import queries
@@ -47,6 +48,8 @@ from db.states import RecordingState as S
 log = logging.getLogger(__name__)
 
 HEARTBEAT_SECONDS = 5.0
+# Work only this node can do (its own drop folders' conversions and sources): never queued by another node.
+FLEET_LOCAL_KINDS = frozenset({"convert", "source", "sources", "expire", "retry"})
 FOLDER_CHECK_SECONDS = 10.0
 # systemd's TimeoutStopSec, handed over by the unit (AUDIODROP_STOP_TIMEOUT); work in flight gets all of it
 # but a margin to write the last state.
@@ -150,9 +153,17 @@ def build_engine(ctx: Context, *, only: set[int] | None = None, prompts_only: se
     ]
     if upload:
         kinds += [UploadKind(ctx, lease, only), ProcessingKind(ctx, lease), remote.DeleteKind(ctx, lease),
-                  prompt_runner.PromptKind(ctx, lease, prompts_only), prompt_runner.ResultFilesKind(ctx, lease)]
+                  prompt_runner.PromptKind(ctx, lease, prompts_only), prompt_runner.ResultFilesKind(ctx, lease),
+                  batch.BatchKind(ctx, lease, prompts_only)]
+        # What wakes the prompts (a file ACTIVE again, a config reload) wakes the Batch API lane's prompts too.
+        wake_prompts = ctx.wake
+        ctx.wake = lambda *names, at=None: wake_prompts(*names, *(("batch",) if "prompt" in names else ()), at=at)
+    if only is None:  # the daemon moves or deletes sources as their folders say; `audiodrop process` never does
+        sources = SourceKind(ctx, lease)
+        kinds += [sources, sources.sweep_kind(), notify.OutboxKind(ctx, lease)]
     engine = WorkEngine(ctx.sessions, ctx.clock, ctx.holder, kinds,
-                        [lifecycle, prompt_lifecycle, remote.DeletionSweeper()], single_node=not ctx.fleet,
+                        [lifecycle, prompt_lifecycle, remote.DeletionSweeper(), notify.OutboxSweeper()],
+                        single_node=not ctx.fleet,
                         lease_seconds=ctx.settings.service.lease_seconds, health=ctx.pauses,
                         previous_runs=nodes.holder_prefix(ctx.node))
     return engine
@@ -190,6 +201,8 @@ class Daemon:
                                node=node, fleet=fleet, wake=self.wake)
             self._measure_clock()
             self.ctx.instance_id = ensure_instance_id(self.ctx)
+            notify.follow_history(self.ctx.sessions, self.ctx)  # failures and rejections become notifications
+            self._stopped_for_long()
             for leftover in [*transcode.remove_stale_partials(settings.converted_dir),
                              *results.remove_stale_temps(settings.results_dir)]:
                 log.info("removed %s, the unfinished output of an interrupted write", leftover.name)
@@ -243,6 +256,8 @@ class Daemon:
                     self.scheduler.modify_job(job, next_run_time=datetime.now(UTC))
                 except Exception:  # the scheduler is not running yet, or shutting down
                     pass
+        if "prompt" in kinds:  # a prompt queued from the CLI may be the Batch API lane's
+            kinds = (*kinds, "batch")
         self.engine.wake(*kinds, at=at)
 
     def _install_signal_handlers(self) -> None:
@@ -398,6 +413,14 @@ class Daemon:
                 self.ctx.pauses.pause_for(decision, self.ctx.now())
             log.warning("reconciliation with the server failed: %s", decision.error)
 
+    def _stopped_for_long(self) -> None:
+        """daemon.offline (reason "stopped") when this node's last heartbeat is long past: nothing was watched."""
+        with session_scope(self.ctx.sessions) as session:
+            last = nodes.last_heartbeat(session, self.ctx.node)
+            if last is not None:
+                notify.daemon_offline(session, self.ctx, since=last, reason="stopped",
+                                      detail="the daemon was not running; recordings dropped meanwhile are taken now")
+
     def heartbeat(self) -> None:
         """This node's row says it is alive and what it waits for; in a fleet it also reads the database's clock.
         A database that does not answer pauses every API call until it does."""
@@ -414,6 +437,9 @@ class Daemon:
                                   folders=[str(watch.path) for watch in self.settings.watches],
                                   unavailable=[f"{path}: {why}" for path, why in self.unavailable.items()])
                 nodes.heartbeat(session, ctx.node, self.run_id, beat, ctx.now())
+                if ctx.pauses.offline_since is not None:  # once per outage, when it has lasted long enough
+                    notify.daemon_offline(session, ctx, since=ctx.pauses.offline_since, reason="network",
+                                          detail=waiting)
                 counts = queries.recording_counts(session)
                 used = queries.ours_bytes(session)
         except SQLAlchemyError as err:
@@ -424,6 +450,8 @@ class Daemon:
             return
         if ctx.pauses.database_ok():
             self.wake(*self.engine.kinds)
+        elif ctx.fleet:  # other nodes queue work too, and their wake-ups do not reach this machine: look for it
+            self.wake(*(kind for kind in self.engine.kinds if kind not in FLEET_LOCAL_KINDS))
         systemd.notify("STATUS=" + status_line(counts, used, self.settings.gemini.storage_limit_bytes, waiting))
 
     def _measure_clock(self) -> None:

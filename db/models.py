@@ -84,6 +84,12 @@ class Recording(Base):
     claim_token: Mapped[int] = mapped_column(default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     state_changed_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # What became of the source file once the recording was done (daemon.pipeline.sources): NULL not decided yet;
+    # "keep"; an intent committed before the file is touched ("move" to source_moved_to, "delete"); then "moved",
+    # "deleted" or "kept" (left alone: it changed, vanished or could not be moved) at source_done_at.
+    source_action: Mapped[str | None] = mapped_column(String(16), index=True)
+    source_moved_to: Mapped[str | None] = mapped_column(Text)
+    source_done_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     events: Mapped[list[RecordingEvent]] = relationship(
         back_populates="recording", order_by="RecordingEvent.id", cascade="all, delete-orphan"

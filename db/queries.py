@@ -50,10 +50,16 @@ def upload_backlog(session: Session) -> tuple[int, int]:
     return int(count), int(size or 0)
 
 
+def ledger_since(session: Session, since: datetime) -> list[TokenUsage]:
+    """The token ledger's rows since `since` (what a spend is summed from)."""
+    return list(session.scalars(select(TokenUsage).where(TokenUsage.at >= since)).all())
+
+
 def tokens_since(session: Session, since: datetime) -> dict[str, int]:
     """Tokens of every answer since `since`, cut-off ones included (all are billed; thinking counts as output)."""
     columns = {"prompt": TokenUsage.prompt_tokens, "audio": TokenUsage.audio_tokens,
-               "output": TokenUsage.output_tokens, "thinking": TokenUsage.thinking_tokens}
+               "output": TokenUsage.output_tokens, "thinking": TokenUsage.thinking_tokens,
+               "cached": TokenUsage.cached_tokens}
     sums = session.execute(select(*(func.coalesce(func.sum(column), 0) for column in columns.values()))
                            .where(TokenUsage.at >= since)).one()
     return {name: int(value) for name, value in zip(columns, sums, strict=True)}

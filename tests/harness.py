@@ -20,6 +20,8 @@ from tests.conftest import write_config
 
 ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "test-key-7f3a9c2e51b8d4"
+# Every daemon a test started, so that conftest.py can stop the ones a failing test left running.
+started_daemons: list[DaemonProcess] = []
 
 
 def wait_until(condition: Callable[[], Any], timeout: float = 60.0, interval: float = 0.2,
@@ -61,6 +63,7 @@ class DaemonProcess:
                                         cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                         preexec_fn=dying_with_parent(signal.SIGTERM))
         log.close()
+        started_daemons.append(self)
         # Ready once it has written a heartbeat (the lock alone is taken before migrations run).
         def ready() -> bool:
             daemon = self.cli("status", "--json")["daemon"]
@@ -107,6 +110,18 @@ class DaemonProcess:
         with closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=10)) as connection:
             return [row[0] for row in connection.execute("SELECT state FROM recordings ORDER BY id")]
 
+    def events(self) -> list[dict[str, Any]]:
+        """Every recording's history straight from the database (read-only), oldest first: recording id, from,
+        to, reason and time (ISO text) of each event. For checks over many recordings, where a `show` per
+        recording would start the CLI once each."""
+        database = self.folder / "state" / "audiodrop.db"
+        if not database.exists():
+            return []
+        with closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=10)) as connection:
+            connection.row_factory = sqlite3.Row
+            return [dict(row) for row in connection.execute(
+                "SELECT recording_id, from_state, to_state, reason, at FROM recording_events ORDER BY id")]
+
     def wait_for_states(self, expected: dict[str, int] | Callable[[list[dict[str, Any]]], bool],
                         timeout: float = 90) -> list[dict[str, Any]]:
         def reached() -> list[dict[str, Any]] | None:
@@ -129,8 +144,12 @@ class DaemonProcess:
     def dump_threads(self) -> str:
         """The log, after asking the daemon to print every thread's stack into it (faulthandler on SIGUSR1)."""
         if self.process is not None and not self.exited():
+            before = len(self.log())
             self.process.send_signal(signal.SIGUSR1)
-            time.sleep(0.5)
+            try:
+                wait_until(lambda: "most recent call first" in self.log()[before:], 5, 0.05, message="the stacks")
+            except AssertionError:
+                pass  # a diagnosis: the log as it is
         return self.log()
 
 

@@ -17,7 +17,7 @@ def test_kill_during_conversion_then_restart(tmp_path: Path, emulator: Emulator)
     long_one = media.make_tone(tmp_path / "long.wav", 600.0, channels=2, rate=48000)
     daemon.start()
     long_one.rename(daemon.inbox / "long.wav")
-    wait_until(lambda: [i for i in daemon.files() if i["state"] == "converting"], 30, 0.05,
+    wait_until(lambda: "converting" in daemon.states(), 30, 0.05,
                message="the conversion to start")
     daemon.kill()
     converted_dir = tmp_path / "d" / "state" / "converted"
@@ -35,15 +35,14 @@ def test_kill_during_conversion_then_restart(tmp_path: Path, emulator: Emulator)
 
 def test_kill_during_upload_then_restart_uploads_nothing_twice(tmp_path: Path, emulator: Emulator) -> None:
     daemon = DaemonProcess(tmp_path / "d", base_url=emulator.base_url)
-    # The server takes its time over the upload's last chunk, so the daemon dies with the upload in flight;
-    # the server then finishes it, exactly as when a reply is lost.
-    emulator.add_fault(Fault(route="upload_chunk", kind="slow", delay=2.0, times=1))
+    # The server holds the upload's last chunk until the daemon is dead, then finishes it: exactly a lost reply.
+    emulator.add_fault(Fault(route="upload_chunk", kind="hold", times=1))
     daemon.start()
     media.make_tone(daemon.inbox / "memo.wav", 2.0)
-    wait_until(lambda: [i for i in daemon.files() if i["state"] == "uploading"], 30, 0.05,
-               message="the upload to start")
+    wait_until(lambda: emulator.held_requests == 1, 30, 0.05, message="the last chunk to reach the server")
     daemon.kill()
-    wait_until(lambda: emulator.stats.uploads_completed == 1, 10, message="the server to finish the upload")
+    assert emulator.release_holds() == 1
+    wait_until(lambda: emulator.stats.uploads_completed == 1, 30, message="the server to finish the upload")
 
     daemon.start()
     items = daemon.wait_for_states({"active": 1})
@@ -57,15 +56,17 @@ def test_kill_during_upload_then_restart_uploads_nothing_twice(tmp_path: Path, e
 def test_kill_before_the_upload_reached_the_server_uploads_once_after_restart(tmp_path: Path,
                                                                               emulator: Emulator) -> None:
     daemon = DaemonProcess(tmp_path / "d", base_url=emulator.base_url)
-    emulator.add_fault(Fault(route="upload_start", kind="slow", delay=3.0, times=1))
+    # The server holds the upload's first request until the daemon is dead: it never learnt where to send the bytes.
+    emulator.add_fault(Fault(route="upload_start", kind="hold", times=1))
     daemon.start()
     media.make_tone(daemon.inbox / "memo.wav", 2.0)
-    wait_until(lambda: [i for i in daemon.files() if i["state"] == "uploading"], 30, 0.05,
-               message="the upload to start")
+    wait_until(lambda: emulator.held_requests == 1, 30, 0.05, message="the upload's start to reach the server")
     daemon.kill()
+    assert emulator.release_holds() == 1
     daemon.start()
-    daemon.wait_for_states({"active": 1})
-    assert len(emulator.files) == 1
+    [item] = daemon.wait_for_states({"active": 1})
+    assert len(emulator.files) == 1 and emulator.stats.uploads_completed == 1
+    assert item["remote"]["name"] == emulator.files[0].name
     daemon.stop()
 
 
@@ -74,13 +75,25 @@ def test_no_ffmpeg_outlives_a_killed_daemon(tmp_path: Path, emulator: Emulator) 
     long_one = media.make_tone(tmp_path / "long.wav", 600.0, channels=2, rate=48000)
     daemon.start()
     long_one.rename(daemon.inbox / "long.wav")
-    wait_until(lambda: [i for i in daemon.files() if i["state"] == "converting"], 30, 0.05,
+    wait_until(lambda: "converting" in daemon.states(), 30, 0.05,
                message="the conversion to start")
     wait_until(lambda: _ffmpeg_children_of(daemon.process.pid), 10, 0.05, message="ffmpeg to start")
-    orphans_before = _ffmpeg_writing_into(tmp_path)
-    assert orphans_before
+    assert _ffmpeg_writing_into(tmp_path)
+    converted = tmp_path / "d" / "state" / "converted"
+    [partial] = wait_until(lambda: [p for p in converted.glob(".*.partial-*") if p.stat().st_size], 30, 0.05,
+                           message="ffmpeg to start writing")
     daemon.kill()
-    wait_until(lambda: not _ffmpeg_writing_into(tmp_path), 5, 0.05, message="ffmpeg to die with the daemon")
+    # A surviving ffmpeg would go on to the end of the file (600 s of audio take it 5-20 s) and then exit too:
+    # gone is not enough, its output must have stopped mid-file.
+    wait_until(lambda: not _ffmpeg_writing_into(tmp_path), 60, 0.05, message="ffmpeg to die with the daemon")
+    assert not _ogg_finished(partial), "ffmpeg outlived the daemon and finished the conversion"
+
+
+def _ogg_finished(path: Path) -> bool:
+    """Whether an Ogg file ends with its end-of-stream page, which ffmpeg writes only when it runs to the end."""
+    data = path.read_bytes()
+    last = data.rfind(b"OggS")
+    return last >= 0 and len(data) > last + 5 and bool(data[last + 5] & 0x04)
 
 
 def _ffmpeg_children_of(pid: int) -> list[int]:

@@ -107,18 +107,21 @@ def test_same_content_twice_is_processed_once_and_a_reused_name_is_new(tmp_path:
                                                                        daemon: DaemonProcess) -> None:
     daemon.start()
     first = media.make_tone(daemon.inbox / "Recording.m4a", 2.0)
-    daemon.wait_for_states({"active": 1})
+    [original] = daemon.wait_for_states({"active": 1})
     shutil.copy(first, daemon.inbox / "copy of the same.m4a")
-    wait_until(lambda: daemon.cli("show", "1", "--json")["duplicates"], 30, message="the duplicate to be noticed")
-    # The same name reused for new audio is a new recording.
-    time.sleep(0.01)
+    wait_until(lambda: daemon.cli("show", str(original["id"]), "--json")["duplicates"], 30,
+               message="the duplicate to be noticed")
+    # The same name reused for new audio (another length, another size) is a new recording.
     media.make_tone(tmp_path / "new.m4a", 3.0, channels=2)
     shutil.copy(tmp_path / "new.m4a", daemon.inbox / "Recording.m4a")
     items = daemon.wait_for_states({"active": 2})
     assert len(emulator.files) == 2
     assert [Path(i["source_path"]).name for i in items] == ["Recording.m4a", "Recording.m4a"]
-    shown = daemon.cli("show", "1", "--json")
-    assert shown["duplicates"][0]["path"].endswith("copy of the same.m4a")
+    [new] = [i for i in items if i["id"] != original["id"]]
+    assert abs(new["duration_seconds"] - 3.0) < 0.2
+    shown = daemon.cli("show", str(original["id"]), "--json")
+    assert [d["path"] for d in shown["duplicates"]] == [str(daemon.inbox / "copy of the same.m4a")]
+    assert daemon.cli("show", str(new["id"]), "--json")["duplicates"] == []
 
 
 def test_files_dropped_while_stopped_are_picked_up_at_start(tmp_path: Path, emulator: Emulator,

@@ -441,24 +441,21 @@ def test_fault_non_json_502(emu, client):
 
 
 def test_fault_slow_hits_the_sdk_timeout(emu):
-    emu.add_fault(Fault(route="files_get", kind="slow", delay=3.0))
+    emu.add_fault(Fault(route="files_get", kind="slow", delay=30.0))
     with sdk(emu, timeout=500) as client:
-        t0 = time.monotonic()
-        with pytest.raises(httpx2.TimeoutException):
+        with pytest.raises(httpx2.TimeoutException):    # after the delay it would be a 403 (no such file)
             client.files.get(name="files/abc")
-        assert time.monotonic() - t0 < 2.0
-    t0 = time.monotonic()
-    emu.stop()                                          # wakes the sleeping handler at once
-    assert time.monotonic() - t0 < 1.0
+    emu.stop()                                          # wakes the sleeping handler: it never answers
+    assert [(r.route, r.status) for r in emu.stats.requests] == [("files_get", None)]
 
 
 def test_fault_no_upload_status_costs_one_second_then_succeeds(emu, client):
     emu.add_fault(Fault(route="upload_chunk", kind="no_upload_status", times=1))
-    t0 = time.monotonic()
     f = upload_bytes(client, b"abc")
-    assert 0.9 < time.monotonic() - t0 < 3
     assert f.size_bytes == 3
-    assert [s for m, p, s in emu.stats.requests if "upload_id=" in p] == [503, 200]
+    chunks = [r for r in emu.stats.requests if "upload_id=" in r.path]
+    assert [r.status for r in chunks] == [503, 200]
+    assert chunks[1].time - chunks[0].time >= 0.9             # the SDK slept its second before re-sending
 
 
 def test_fault_probability_is_reproducible_with_a_seed(emu, client):
@@ -619,18 +616,17 @@ def test_hold_fault_times_out_and_stop_does_not_wait_for_a_release(emu, client):
     t0 = time.monotonic()
     with pytest.raises(errors.ClientError, match="PERMISSION_DENIED"):   # then it answers normally
         client.files.get(name="files/abc")
-    assert 0.25 < time.monotonic() - t0 < 2.0
-    emu.add_fault(Fault(route="files_list", kind="hold"))
+    assert time.monotonic() - t0 >= 0.25                                 # held, for its own timeout
+    emu.add_fault(Fault(route="files_list", kind="hold"))                # no timeout of its own: 60 s
     failures: list = []
     hung = threading.Thread(target=lambda: failures.append(pytest.raises(httpx2.TransportError,
                                                                          lambda: list(client.files.list()))))
     hung.start()
     wait_for(lambda: emu.held_requests == 1)
-    t0 = time.monotonic()
-    emu.stop()
-    assert time.monotonic() - t0 < 1.5
-    hung.join(5)
+    emu.stop()                                   # cuts the held request: waiting for a release, it would answer
+    hung.join(30)
     assert failures and not hung.is_alive()
+    assert [r.status for r in emu.stats.requests if r.route == "files_list"] == [None]
 
 
 # ---- speech-aware transcripts --------------------------------------------------------------------

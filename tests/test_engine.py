@@ -5,8 +5,7 @@ event wakes it."""
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -23,6 +22,7 @@ from db.session import session_scope
 from db.states import PromptState as P
 from db.states import RecordingState as S
 from tests.conftest import T0
+from tests.harness import wait_until
 
 
 class FixedClock:
@@ -90,9 +90,13 @@ def test_the_sweeper_takes_back_work_whose_lease_passed_and_leaves_live_leases(
 def test_on_a_single_node_every_claim_of_another_run_is_dead_at_start(sessions: sessionmaker[Session]) -> None:
     with session_scope(sessions) as session:
         rid = add(session, S.CONVERTING, claimed_by="previous-run", claimed_until=T0 + timedelta(hours=1)).id
-    Engine(sessions, FixedClock(T0), "me", [], sweepers(), single_node=True).start()
-    with session_scope(sessions) as session:
-        assert session.get(Recording, rid).state == S.DISCOVERED  # type: ignore[union-attr]
+    engine = Engine(sessions, FixedClock(T0), "me", [], sweepers(), single_node=True)
+    engine.start()
+    try:
+        with session_scope(sessions) as session:
+            assert session.get(Recording, rid).state == S.DISCOVERED  # type: ignore[union-attr]
+    finally:
+        engine.stop(0.0)
 
 
 class BlockingKind:
@@ -100,27 +104,32 @@ class BlockingKind:
 
     name = "block"
 
-    def __init__(self) -> None:
+    def __init__(self, lease_seconds: float) -> None:
+        self.lease_seconds = lease_seconds
         self.release = threading.Event()
         self.started = threading.Event()
-        self.claim_calls = 0
+        self.claim_times: list[datetime] = []
         self.due: datetime | None = None
         self.seen: list[Claim] = []
+
+    @property
+    def claim_calls(self) -> int:
+        return len(self.claim_times)
 
     def workers(self) -> int:
         return 1
 
     def claim(self, session: Session, now: datetime, limit: int) -> list[Claim]:
-        self.claim_calls += 1
+        self.claim_times.append(datetime.now(UTC))
         row = session.scalar(select(Recording).where(Recording.state == S.DISCOVERED, lifecycle.is_free(now)))
         if row is None:
             return []
         token = lifecycle.claim(session, row.id, expected=S.DISCOVERED, to=S.CONVERTING, now=now, holder="me",
-                                until=now + timedelta(seconds=0.6))
+                                until=now + timedelta(seconds=self.lease_seconds))
         return [Claim(self.name, Recording, row.id, token or 0)]
 
     def next_due(self, session: Session, now: datetime) -> datetime | None:
-        return self.due
+        return self.due if self.due is not None and self.due > now else None
 
     def run(self, claim: Claim) -> None:
         self.seen.append(claim)
@@ -128,32 +137,53 @@ class BlockingKind:
         self.release.wait(10)
 
 
+class CountingSweeper:
+    """Takes nothing back; counts the dispatcher's sweeps (one every lease_seconds, whatever else happens)."""
+
+    def __init__(self) -> None:
+        self.sweeps = 0
+
+    def take_back(self, session: Session, now: datetime, dead: Any) -> int:
+        self.sweeps += 1
+        return 0
+
+
+Started = Callable[..., tuple[Engine, BlockingKind, CountingSweeper]]
+
+
 @pytest.fixture
-def running(sessions: sessionmaker[Session]) -> Iterator[tuple[Engine, BlockingKind]]:
-    kind = BlockingKind()
-    engine = Engine(sessions, SystemClock(), "me", [kind], sweepers(), lease_seconds=0.6)
-    engine.start()
-    yield engine, kind
-    kind.release.set()
-    engine.stop(2.0)
+def start_engine(sessions: sessionmaker[Session]) -> Iterator[Started]:
+    """Starts an engine with one BlockingKind, on the system clock; each is released and stopped at the end."""
+    started: list[tuple[Engine, BlockingKind]] = []
+
+    def start(lease_seconds: float) -> tuple[Engine, BlockingKind, CountingSweeper]:
+        kind, counter = BlockingKind(lease_seconds), CountingSweeper()
+        engine = Engine(sessions, SystemClock(), "me", [kind], [*sweepers(), counter], lease_seconds=lease_seconds)
+        engine.start()
+        started.append((engine, kind))
+        return engine, kind, counter
+
+    yield start
+    for engine, kind in started:
+        kind.release.set()
+        engine.stop(2.0)
 
 
 def test_a_lease_is_renewed_while_the_work_runs_and_a_lost_claim_is_noticed(
-        sessions: sessionmaker[Session], running: tuple[Engine, BlockingKind]) -> None:
-    engine, kind = running
+        sessions: sessionmaker[Session], start_engine: Started) -> None:
+    engine, kind, _ = start_engine(lease_seconds=0.6)
     with session_scope(sessions) as session:
         rid = add(session, last_change_at=datetime.now(UTC)).id
     engine.wake("block")
     assert kind.started.wait(5)
     first = _lease(sessions, rid)
-    time.sleep(1.0)  # longer than the 0.6 s lease: renewals keep it ahead of the clock
-    assert _lease(sessions, rid) > first and _lease(sessions, rid) > datetime.now(UTC)
+    # Once the first lease has passed, renewals (every 0.2 s) keep the claim's lease ahead of the clock.
+    wait_until(lambda: datetime.now(UTC) > first, 5, 0.05, message="the first lease to pass")
+    wait_until(lambda: _lease(sessions, rid) > datetime.now(UTC), 5, 0.05, message="a renewed lease")
+    assert not kind.seen[0].lost.is_set()
     with session_scope(sessions) as session:  # someone else takes the work over
         session.execute(update(Recording).where(Recording.id == rid).values(claim_token=Recording.claim_token + 1))
-    deadline = time.monotonic() + 3
-    while not kind.seen[0].lost.is_set() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert kind.seen[0].lost.is_set()
+    assert kind.seen[0].lost.wait(10), "the next renewal notices that the claim is no longer ours"
 
 
 def _lease(sessions: sessionmaker[Session], rid: int) -> datetime:
@@ -163,22 +193,28 @@ def _lease(sessions: sessionmaker[Session], rid: int) -> datetime:
     return until
 
 
-def test_idle_the_engine_sleeps_until_work_is_due_or_an_event_wakes_it(
-        sessions: sessionmaker[Session], running: tuple[Engine, BlockingKind]) -> None:
-    engine, kind = running
-    time.sleep(0.3)
-    idle_calls = kind.claim_calls
-    time.sleep(1.0)
-    assert kind.claim_calls == idle_calls, "nothing due, nothing woke it: no claims at all (no ticks)"
+def test_idle_the_engine_claims_nothing_until_work_is_due_or_an_event_wakes_it(
+        sessions: sessionmaker[Session], start_engine: Started) -> None:
+    engine, kind, counter = start_engine(lease_seconds=0.6)
+    wait_until(lambda: kind.claim_calls == 1, 5, 0.02, message="the first look at every kind, at start")
+    with session_scope(sessions) as session:
+        add(session, last_change_at=datetime.now(UTC))  # work that nobody announces
+    # The dispatcher wakes for its sweeps (every 0.6 s) and goes back to sleep: no claims (no ticks).
+    sweeps = counter.sweeps
+    wait_until(lambda: counter.sweeps >= sweeps + 2, 10, 0.05, message="two sweeps")
+    assert kind.claim_calls == 1 and not kind.started.is_set()
+
+
+def test_a_wake_or_a_due_time_starts_the_work_without_waiting_for_anything_else(
+        sessions: sessionmaker[Session], start_engine: Started) -> None:
+    # A 30-s lease: the dispatcher's next housekeeping is 30 s away, so anything sooner is the wake or the due time.
+    engine, kind, _ = start_engine(lease_seconds=30)
+    wait_until(lambda: kind.claim_calls == 1, 5, 0.02, message="the first look at every kind, at start")
     with session_scope(sessions) as session:
         add(session, last_change_at=datetime.now(UTC))
-    woken = time.monotonic()
     engine.wake("block")
-    assert kind.started.wait(5)
-    assert time.monotonic() - woken < 0.5
-    # A due time wakes it by itself.
-    calls = kind.claim_calls
-    kind.due = datetime.now(UTC) + timedelta(seconds=0.4)
-    kind.release.set()  # the running work ends: the kind is looked at again and reports its due time
-    time.sleep(1.0)
-    assert kind.claim_calls >= calls + 2
+    assert kind.started.wait(10), "a wake-up is acted on at once"
+    # A due time wakes it by itself: the running work ends, and the kind reports work due in 0.4 s.
+    due = kind.due = datetime.now(UTC) + timedelta(seconds=0.4)
+    kind.release.set()
+    wait_until(lambda: kind.claim_times[-1] >= due, 10, 0.05, message="a claim at the due time")

@@ -19,7 +19,7 @@ from tests.emulator import Emulator, Fault  # noqa: E402
 from tests.harness import API_KEY, DaemonProcess, wait_until  # noqa: E402
 from tests.media import make_tone  # noqa: E402
 from tests.netproxy import TcpProxy  # noqa: E402
-from tests.pg import PostgresServer, postgres_server, postgres_url  # noqa: E402, F401
+from tests.pg import PostgresServer  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -225,3 +225,29 @@ def test_a_node_cut_off_from_the_database_stops_calling_gemini(tmp_path: Path, p
             stop_all([first, second])
         finally:
             proxy.stop()
+
+
+def test_a_recorder_without_a_key_leaves_uploads_and_prompts_to_a_node_with_one(
+        tmp_path: Path, postgres_url: str, emu: Emulator) -> None:
+    """A meeting-room recorder holds no API key: it converts its recordings, and the server (which has the key
+    and no drop folder of its own) notices the work another node queued, uploads it, runs the prompt asked on
+    the recorder, and writes the result files."""
+    recorder = DaemonProcess(tmp_path / "recorder", base_url=None, api_key=None, database_url=postgres_url,
+                             service={"node_name": "recorder", "lease_seconds": 6.0})
+    server = node(tmp_path, "server", postgres_url, emu)
+    try:
+        recorder.start()
+        server.start()
+        make_tone(recorder.inbox / "standup.wav", seconds=6.0)
+        wait_until(lambda: states(postgres_url)["active"] == 1, 30, 0.5, message="the server uploads it")
+        [item] = recorder.files()
+        assert item["node"] == "recorder"
+        asked = recorder.cli("ask", str(item["id"]), "--template", "summarize", "--json")
+        wait_for_answers(postgres_url, 1, 30, [recorder, server])
+        assert query(postgres_url, f"SELECT claimed_by FROM prompts WHERE id = {asked['id']}") == [(None,)]
+        assert [record.model for record in emu.generate_requests] == ["gemini-2.5-flash"]
+        [done] = recorder.cli("prompts", "--json")
+        assert done["state"] == "done" and Path(done["result_path"]).is_file()
+        assert "/server/results/" in done["result_path"]  # written by the node that ran it
+    finally:
+        stop_all([recorder, server])

@@ -61,8 +61,12 @@ def test_retry_of_a_rejected_file_after_it_is_fixed(tmp_path: Path, daemon: Daem
     items = daemon.wait_for_states({"rejected": 1})
     assert daemon.cli("retry", str(items[0]["id"])).stdout.startswith(f"recording {items[0]['id']} queued")
     # Not fixed: rejected again, with the same reason.
+    recording_id = str(items[0]["id"])
     items = daemon.wait_for_states(lambda xs: xs[0]["state"] == "rejected" and
-                                   len(daemon.cli("show", "1", "--json")["history"]) >= 5)
+                                   len(daemon.cli("show", recording_id, "--json")["history"]) >= 5)
     assert "not a readable audio file" in items[0]["error"]
-    refused = daemon.cli("retry", "99", check=False)
-    assert refused.returncode == 1 and "no recording with id 99" in refused.stderr
+    moves = [event["to"] for event in daemon.cli("show", recording_id, "--json")["history"]]
+    assert moves.count("rejected") == 2, moves  # once, and once more after the retry
+    missing = str(items[0]["id"] + 1)
+    refused = daemon.cli("retry", missing, check=False)
+    assert refused.returncode == 1 and f"no recording with id {missing}" in refused.stderr

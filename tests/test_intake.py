@@ -3,7 +3,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -83,11 +82,11 @@ def test_observe_tracks_growth_and_close(tmp_path: Path, settings: Settings, ses
     path = inbox / "growing.wav"
     path.write_bytes(b"a" * 10)
     with sessions() as session:
-        intake.observe(session, intake.candidate(path, settings), closed=False, now=T0)
+        intake.observe(session, intake.candidate(path, settings), closed=False, now=T0, settings=settings)
         with open(path, "ab") as stream:
             stream.write(b"b" * 10)
         later = T0 + timedelta(seconds=3)
-        intake.observe(session, intake.candidate(path, settings), closed=True, now=later)
+        intake.observe(session, intake.candidate(path, settings), closed=True, now=later, settings=settings)
         session.commit()
         rows = session.scalars(select(Recording)).all()
         assert len(rows) == 1
@@ -101,28 +100,29 @@ def test_known_file_is_not_taken_again_but_a_reused_name_is(tmp_path: Path, sett
     path = inbox / "Recording.m4a"
     path.write_bytes(b"first")
     with sessions() as session:
-        intake.observe(session, intake.candidate(path, settings), closed=True, now=T0)
+        intake.observe(session, intake.candidate(path, settings), closed=True, now=T0, settings=settings)
         session.execute(Recording.__table__.update().values(state="active"))
-        intake.observe(session, intake.candidate(path, settings), closed=False, now=T0)
+        intake.observe(session, intake.candidate(path, settings), closed=False, now=T0, settings=settings)
         assert len(session.scalars(select(Recording)).all()) == 1
-        time.sleep(0.01)
+        first_mtime = path.stat().st_mtime_ns
         path.write_bytes(b"a new recording, same name")
-        intake.observe(session, intake.candidate(path, settings), closed=True, now=T0)
+        os.utime(path, ns=(first_mtime + 1_000_000_000, first_mtime + 1_000_000_000))  # written a second later
+        intake.observe(session, intake.candidate(path, settings), closed=True, now=T0, settings=settings)
         assert len(session.scalars(select(Recording)).all()) == 2
 
 
 def test_open_for_writing_sees_a_writer_holding_the_file(tmp_path: Path) -> None:
     path = tmp_path / "held.wav"
     path.write_bytes(b"")
-    writer = subprocess.Popen([sys.executable, "-c", f"f = open({str(path)!r}, 'ab'); import time; time.sleep(30)"])
+    # The writer says when it holds the file open, then waits for its standard input to close.
+    writer = subprocess.Popen([sys.executable, "-c", f"import sys; f = open({str(path)!r}, 'ab'); print('open', "
+                               "flush=True); sys.stdin.read()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
     try:
-        deadline = time.monotonic() + 10
-        while not intake.open_for_writing(path) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        assert writer.stdout is not None and writer.stdout.readline() == "open\n"
         assert intake.open_for_writing(path)
     finally:
-        writer.kill()
-        writer.wait()
+        writer.communicate(timeout=30)  # closes its standard input: it exits, closing the file
     assert not intake.open_for_writing(path)
 
 

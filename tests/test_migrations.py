@@ -10,7 +10,6 @@ from sqlalchemy import Engine, create_engine, inspect
 
 from db.models import Base
 from db.session import alembic_config, head_revision, make_engine, migrate, schema_revision, upgrade_to_head
-from tests.pg import postgres_server, postgres_url  # noqa: F401
 
 
 def _in_models(name: str | None, type_: str, parent_names: object) -> bool:

@@ -490,3 +490,37 @@ def test_desktop_notifications_need_a_session_bus(host: Host, tmp_path: Path,
     assert json.loads(out.read_text()) == ["--app-name=audiodrop", "audiodrop: a recording was rejected",
                                            "talk.wav — not an audio file"]
     assert [row.event for row in rows(host.sessions)] == ["recording.rejected"], "a passing failure stays quiet"
+
+
+# -- through the daemon ----------------------------------------------------------------------------------------
+
+def test_the_running_daemon_notifies_a_result_and_a_rejected_file(tmp_path: Path, emulator: Any,
+                                                                   receiver: Receiver) -> None:
+    """`audiodrop run` with a webhook: a transcript's result.done (signed, with its result path) and a
+    rejection's recording.rejected arrive at a real receiver, each once."""
+    from tests import media
+    from tests.harness import DaemonProcess
+
+    secret_file = tmp_path / "hook.secret"
+    secret_file.write_text(SECRET + "\n")
+    folder = tmp_path / "d"
+    daemon = DaemonProcess(folder, base_url=emulator.base_url,
+                           watch=[{"path": str(folder / "inbox"), "prompts": ["transcribe"]}],
+                           webhooks=[{"name": "receiver", "url": receiver.url, "secret_file": str(secret_file)}])
+    daemon.start()
+    try:
+        media.make_tone(daemon.inbox / "standup.wav", 3.0)
+        (daemon.inbox / "notes.mp3").write_bytes(b"this is not audio at all" * 100)
+        received = receiver.wait_for(2, timeout=90)
+        events = {request.headers["X-Audiodrop-Event"]: request for request in received}
+        assert set(events) == {"result.done", "recording.rejected"}, daemon.log()[-3000:]
+        done = events["result.done"]
+        assert notify.verify(SECRET.encode(), done.headers["X-Audiodrop-Timestamp"], done.body,
+                             done.headers["X-Audiodrop-Signature"], now=time.time())
+        data = json.loads(done.body)["data"]
+        assert data["recordings"] == ["standup.wav"] and Path(data["result_path"]).is_file()
+        rejected = json.loads(events["recording.rejected"].body)["data"]
+        assert rejected["name"] == "notes.mp3" and rejected["error"]
+    finally:
+        daemon.stop()
+    assert len(receiver.requests) == 2  # nothing sent twice

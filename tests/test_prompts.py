@@ -255,8 +255,9 @@ def ctx(settings: Settings, sessions: sessionmaker[Session], clock: FakeClock) -
     return Context(settings=settings, sessions=sessions, client=None, clock=clock, holder="test")
 
 
-def test_requests_per_minute_are_counted_per_model_over_a_sliding_minute(clock: FakeClock) -> None:
-    limiter = prompt_runner.RateLimiter(clock, per_minute=3)
+def test_requests_per_minute_are_counted_per_model_over_a_sliding_minute(
+        clock: FakeClock, sessions: sessionmaker[Session]) -> None:
+    limiter = prompt_runner.RateLimiter(sessions, clock, per_minute=3)
     for _ in range(3):  # at 0, 10 and 20 s
         assert limiter.take("flash") == 0.0
         clock.advance(10)
@@ -275,6 +276,9 @@ class FakeClient:
 
     def __init__(self, clock: FakeClock, fail: Callable[[int], Exception | None] = lambda n: None) -> None:
         self.clock, self.fail, self.calls = clock, fail, 0
+
+    def warm(self) -> None:
+        pass
 
     def generate(self, model: str, parts: list[Any], **_: Any) -> Generation:
         self.calls += 1
@@ -301,7 +305,7 @@ def run_until_done(sessions: sessionmaker[Session], ctx: Context, prompt_id: int
                    minutes: float, recheck: float = 10.0) -> str:
     """Claim and run the prompt again and again, as the engine does when it is due, for `minutes` of (fake)
     time; every 10 s here comes to the same as waking at each due time, in fewer runs (each run cuts audio)."""
-    limiter = prompt_runner.RateLimiter(clock, ctx.settings.prompts.requests_per_minute)
+    limiter = prompt_runner.RateLimiter(sessions, clock, ctx.settings.prompts.requests_per_minute)
     deadline = clock.now() + timedelta(minutes=minutes)
     while clock.now() < deadline:
         with sessions() as session, session.begin():

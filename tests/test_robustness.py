@@ -150,7 +150,7 @@ def test_while_an_eviction_hangs_other_work_goes_on(tmp_path: Path, emulator: Em
     daemon = DaemonProcess(tmp_path / "d", base_url=emulator.base_url,
                            gemini={"storage_limit_bytes": 10_000}).start()
     media.make_tone(made(tmp_path) / "first.wav", 3.0).rename(daemon.inbox / "first.wav")
-    daemon.wait_for_states({"active": 1})
+    [first] = daemon.wait_for_states({"active": 1})
     emulator.add_fault(Fault(route="files_delete", kind="hold", timeout=120))
     media.make_tone(made(tmp_path) / "second.wav", 3.5).rename(daemon.inbox / "second.wav")
     try:
@@ -158,7 +158,10 @@ def test_while_an_eviction_hangs_other_work_goes_on(tmp_path: Path, emulator: Em
         media.make_tone(made(tmp_path) / "third.wav", 1.0).rename(daemon.inbox / "third.wav")
         wait_until(lambda: sorted(daemon.states()).count("converted") == 2, 60,
                    message="the conversions to go on while files.delete hangs")
-        assert daemon.cli("retry", "1", check=False).returncode == 1  # a CLI write answers at once (not failed)
+        # A CLI write answers at once, the eviction's transaction long closed (it refuses: first.wav is not failed).
+        refused = daemon.cli("retry", str(first["id"]), check=False)
+        assert refused.returncode == 1 and "only failed or rejected recordings can be retried" in refused.stderr, \
+            refused.stderr
         assert emulator.held_requests == 1
     finally:
         emulator.release_holds()

@@ -24,14 +24,9 @@ from daemon.prompts import results, search
 from db.models import Prompt, PromptRecording, Recording
 from db.session import alembic_config, make_engine, make_sessionmaker, upgrade_to_head
 from db.states import PromptState, RecordingState
-from tests import conftest as _conftest
 from tests.conftest import T0, write_config
 from tests.harness import run_cli
 from tests.pg import PostgresServer, database_name_for
-
-# The PostgreSQL fixtures, unless conftest.py already has them (a second import would start a second cluster).
-if not hasattr(_conftest, "postgres_server"):
-    from tests.pg import postgres_server  # noqa: F401
 
 TRANSCRIPT = """[00:00:05] Speaker 1: Good morning, welcome to the planning meeting.
 [00:01:23] Speaker 2: The budget for next quarter is not final.

@@ -11,7 +11,6 @@ import re
 import shutil
 import sqlite3
 import subprocess
-import time
 from contextlib import closing
 from pathlib import Path
 
@@ -97,16 +96,23 @@ def test_the_api_key_appears_nowhere_the_daemon_writes_or_prints(tmp_path: Path)
         try:
             for source in sources[:3]:
                 shutil.copy(source, daemon.inbox / source.name)
-            daemon.wait_for_states({"active": 2, "rejected": 1})
-            wait_until(lambda: [p["state"] for p in daemon.cli("prompts", "--json")] == ["done", "done"], 60,
-                       message="the watch folder's transcripts")
-            for args in (["status"], ["status", "--json"], ["files"], ["files", "--json"], ["show", "1"],
-                         ["show", "3", "--json"], ["prompts"], ["prompts", "--json"], ["result", "1"],
-                         ["doctor"], ["doctor", "--json"],
-                         ["ask", "2", "-t", "summarize", "--wait", "--timeout", "30"]):
+            ids = {Path(i["source_path"]).name: str(i["id"])
+                   for i in daemon.wait_for_states({"active": 2, "rejected": 1})}
+            transcripts = wait_until(lambda: (found := daemon.cli("prompts", "--json")) and
+                                     [p["state"] for p in found] == ["done", "done"] and found, 60,
+                                     message="the watch folder's transcripts")
+            # Every command that shows something of a recording or a prompt, each on one that exists (an id
+            # that does not would only print "no recording with id ...").
+            for args in (["show", ids["meeting.wav"]], ["show", ids["notes.wav"], "--json"],
+                         ["result", str(transcripts[0]["id"])],
+                         ["ask", ids["memo.mp3"], "-t", "summarize", "--wait", "--timeout", "30"]):
+                assert cli(daemon, *args).returncode == 0, outputs[-1]
+            for args in (["status"], ["status", "--json"], ["files"], ["files", "--json"], ["prompts"],
+                         ["prompts", "--json"], ["doctor"], ["doctor", "--json"]):
                 cli(daemon, *args)
-            assert cli(daemon, "result", "3").returncode == 0  # the --wait answer, through the key
-            dry_run = cli(daemon, "ask", "1", "-t", "summarize", "--dry-run", "--json")  # countTokens, with the key
+            [summary] = [p for p in daemon.cli("prompts", "--json") if p["id"] not in {t["id"] for t in transcripts}]
+            assert cli(daemon, "result", str(summary["id"])).returncode == 0  # the --wait answer, through the key
+            dry_run = cli(daemon, "ask", ids["meeting.wav"], "-t", "summarize", "--dry-run", "--json")  # countTokens
             assert json.loads(dry_run.stdout)["api_total_tokens"] > 0
         finally:
             assert daemon.stop() == 0
@@ -119,9 +125,11 @@ def test_the_api_key_appears_nowhere_the_daemon_writes_or_prints(tmp_path: Path)
             shutil.copy(sources[3], daemon.inbox / "late.wav")
             wait_until(lambda: "refused" in (daemon.cli("status", "--json")["daemon"]["waiting_for"] or ""), 30,
                        message="the refused key to show in status")
-            daemon.wait_for_states(lambda items: any(i["state"] == "converted" for i in items))
+            late = next(i for i in daemon.wait_for_states(lambda items: any(
+                i["state"] == "converted" for i in items)) if i["state"] == "converted")
+            assert Path(late["source_path"]).name == "late.wav"
             for args in (["status"], ["files", "--json"], ["doctor"], ["doctor", "--json"],
-                         ["ask", "4", "-t", "summarize", "--dry-run"]):
+                         ["ask", str(late["id"]), "-t", "summarize", "--dry-run"]):
                 cli(daemon, *args)
         finally:
             assert daemon.stop() == 0
@@ -223,7 +231,11 @@ def test_symlinks_out_of_a_drop_folder_are_not_followed(tmp_path: Path, emulator
         inside = {"real.wav", "alias.wav", os.path.join("sub", "take 2.wav"), "pointer.wav", "late.wav"}
         wait_until(lambda: accounted() == inside and all(i["state"] == "active" for i in daemon.files()), 60,
                    message=f"{inside} to be taken")
-        time.sleep(2.5)  # one more reconcile scan (scan_interval_seconds = 2)
+        # A later catch-up scan (every 2 s) takes nothing more. Each scan logs the escaping symlink again: the
+        # second line from now means one whole scan ran after this point.
+        scanned = f"{inbox / 'escape.wav'}: symlink to"
+        seen = daemon.log().count(scanned)
+        wait_until(lambda: daemon.log().count(scanned) >= seen + 2, 30, message="one more whole catch-up scan")
         assert accounted() == inside
         assert len(daemon.files()) == len(emulator.files) == 3
         assert "escape.wav: symlink to" in daemon.log() and "not followed" in daemon.log()

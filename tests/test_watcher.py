@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from daemon.config import Settings
+from daemon.pipeline import watcher as watcher_module
 from daemon.pipeline.watcher import Hint, Watcher, filesystem_type
 
 
@@ -56,8 +57,36 @@ def test_a_folder_moved_in_asks_for_a_rescan(tmp_path: Path, watching: tuple[Pat
     assert hint.path == inbox / "album"
 
 
-def test_local_folders_are_not_network_mounts(tmp_path: Path) -> None:
-    assert filesystem_type(tmp_path) not in {"nfs", "cifs", ""}
+def test_filesystem_type_takes_the_longest_mount_point_holding_the_path() -> None:
+    root = filesystem_type(Path("/"))
+    assert root  # "/" is always mounted
+    assert filesystem_type(Path("/proc/self/status")) == "proc"  # under both "/" and "/proc": the longer wins
+    assert filesystem_type(Path("/procfake/x")) == root  # "/proc" is a prefix of the string, not of the path
+
+
+def test_a_network_share_mounted_over_a_drop_folder_is_polled_from_then_on(
+        tmp_path: Path, settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    mounted = {"kind": "ext4"}
+    monkeypatch.setattr(watcher_module, "filesystem_type", lambda path: mounted["kind"])
+    hints: queue.Queue[Hint] = queue.Queue()
+    watcher = Watcher(settings, hints)
+    watcher.start()
+    try:
+        assert watcher.polled == {inbox: False}
+        (inbox / "local.wav").write_bytes(b"RIFF")
+        assert wait_for(hints, lambda h: h.closed).path == inbox / "local.wav"  # inotify's close-after-write
+
+        mounted["kind"] = "nfs4"  # a share mounted over the folder: inotify would see nothing written there
+        watcher.check()
+        assert watcher.polled == {inbox: True}
+        assert wait_for(hints, lambda h: h.rescan).path == inbox
+        (inbox / "from the share.wav").write_bytes(b"RIFF")
+        assert wait_for(hints, lambda h: h.path.name == "from the share.wav").created  # still watched, now...
+        assert watcher.observers[True].is_alive()  # ...by the polling observer
+    finally:
+        watcher.stop()
 
 
 def test_a_folder_that_disappears_is_reported_and_watched_again_when_it_returns(

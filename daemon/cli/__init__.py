@@ -141,7 +141,9 @@ def doctor_command(config_path: str | None, as_json: bool, offline: bool) -> Non
 @click.option("--no-upload", is_flag=True, help="Convert only; upload nothing.")
 def process_command(config_path: str | None, as_json: bool, paths: tuple[str, ...], templates: tuple[str, ...],
             prompt_text: str | None, no_upload: bool) -> None:
-    """Convert, upload and prompt the named files now, without the daemon (which must not be running)."""
+    """Convert, upload and prompt the named files now, with progress bars. While the daemon runs, the files are
+    handed to it and followed to the end (Ctrl-C stops following; the daemon goes on); otherwise this command
+    does the work itself."""
     from daemon.cli import process as pipeline
 
     settings = settings_or_exit(config_path)

@@ -10,10 +10,19 @@ from pathlib import Path
 from typing import Any
 
 import click
-from sqlalchemy import select
 
 from daemon.cli import config_option, fail, json_option, main, open_row, open_session, settings_or_exit
-from daemon.cli.views import PROMPT_STATES, prompt_json
+from daemon.cli.views import (
+    PROMPT_STATES,
+    RESULT_FORMATS,
+    Filters,
+    NoTimestamps,
+    filter_options,
+    prompt_json,
+    prompts_query,
+    recording_json,
+    render_result,
+)
 from daemon.config import Settings
 from daemon.errors import DaemonError
 from db.models import Prompt, Recording
@@ -42,11 +51,17 @@ def parse_span(start: str | None, end: str | None) -> tuple[float, float] | None
 @click.option("--model", help="The model (default: the template's, else gemini.model).")
 @click.option("--wait", is_flag=True, help="Wait for the result and print it.")
 @click.option("--timeout", type=float, default=None, help="With --wait: give up after this many seconds.")
-@click.option("--dry-run", is_flag=True, help="Show the estimated audio tokens (and the API's count when online); "
-                                              "queue nothing.")
+@click.option("--dry-run", is_flag=True, help="Show the estimated audio tokens with and without trimming, the cost "
+                                              "(and the API's count when online); queue nothing.")
+@click.option("--trim/--no-trim", default=None, help="Cut long silences from the audio sent (default: the template's "
+                                                    "setting; on for transcribe and summarize).")
+@click.option("--batch", is_flag=True, default=None, help="Send through the Batch API: half price, within hours.")
+@click.option("--speakers", metavar="NAMES", help='The speakers\' names, in order of appearance: "Ana,Ben".')
+@click.option("--force", is_flag=True, help="Run even past daily_budget_usd/monthly_budget_usd (this prompt only).")
 def ask(config_path: str | None, as_json: bool, recording_ids: tuple[int, ...], template: str | None,
         prompt_text: str | None, span_from: str | None, span_to: str | None, model: str | None, wait: bool,
-        timeout: float | None, dry_run: bool) -> None:
+        timeout: float | None, dry_run: bool, trim: bool | None, batch: bool | None, speakers: str | None,
+        force: bool) -> None:
     """Queue a prompt over one or more recordings."""
     from daemon import wakeup
     from daemon.prompts import queue as prompt_queue
@@ -57,7 +72,9 @@ def ask(config_path: str | None, as_json: bool, recording_ids: tuple[int, ...], 
     span = parse_span(span_from, span_to)
     try:
         request = prompt_queue.request_for(settings, list(recording_ids), template=template, prompt_text=prompt_text,
-                                      model=model, span=span)
+                                           model=model, span=span, trim=trim, batch=batch, force_budget=force,
+                                           speakers=tuple(name.strip() for name in (speakers or "").split(",")
+                                                          if name.strip()))
     except prompt_queue.QueueError as err:
         fail(str(err))
         return
@@ -96,8 +113,10 @@ def dry_run_report(settings: Settings, request: Any) -> dict[str, Any]:
     """The estimate, and the API's countTokens answer when the recordings are live and a key is at hand. Reads
     the database read-only; ffmpeg and countTokens run with no transaction open."""
     from daemon.config import find_api_key
+    from daemon.prompts import answer as prompt_answer
+    from daemon.prompts import pricing
     from daemon.prompts import queue as prompt_queue
-    from daemon.prompts import runner as prompt_runner
+    from daemon.prompts.generation import NotReady
 
     session = open_session(settings)
     if session is None:
@@ -116,14 +135,20 @@ def dry_run_report(settings: Settings, request: Any) -> dict[str, Any]:
                    span_end_seconds=span[1] if span and span[1] != float("inf") else None)
     report: dict[str, Any] = {"recording_ids": list(request.recording_ids), "model": request.model,
                               "estimated_audio_tokens": estimate, "api_total_tokens": None}
+    report.update(_trimmed_estimate(settings, request, [r for r in recordings if r], estimate))
+    audio_tokens = report.get("trimmed_audio_tokens", estimate) or 0
+    price = pricing.estimate(audio_tokens, settings.prompts.max_output_tokens, request.model, settings.price_table,
+                             text_tokens=pricing.text_tokens_bound(request.prompt_text, request.system_instruction),
+                             batch=request.batch)
+    report["estimated_cost_usd_at_most"] = float(price) if price is not None else None
     key, _ = find_api_key(settings)
     if not key:
         report["api_note"] = "no API key: estimate only"
         return report
     with tempfile.TemporaryDirectory(prefix="audiodrop-count-") as scratch:
         try:
-            parts = prompt_runner.parts_to_count(settings, draft, [r for r in recordings if r], Path(scratch))
-        except prompt_runner.NotReady as err:
+            parts = prompt_answer.parts_to_count(settings, draft, [r for r in recordings if r], Path(scratch))
+        except NotReady as err:
             report["api_note"] = f"{err}: estimate only"
             return report
         from daemon.gemini import GeminiClient
@@ -136,6 +161,27 @@ def dry_run_report(settings: Settings, request: Any) -> dict[str, Any]:
         finally:
             client.close()
     return report
+
+
+def _trimmed_estimate(settings: Settings, request: Any, recordings: list[Recording],
+                      estimate: int | None) -> dict[str, Any]:
+    """What trimming would send of a single converted recording: found by the same speech detection the daemon
+    runs (ffmpeg on the compact copy, no transaction open)."""
+    from daemon.prompts import answer as prompt_answer
+    from daemon.prompts.queue import estimate_audio_tokens
+
+    if not request.trim or len(recordings) != 1 or request.span is not None:
+        return {"trimming": "off"}
+    recording = recordings[0]
+    if not recording.converted_path or not Path(recording.converted_path).is_file() or not recording.duration_seconds:
+        return {"trimming": "on; the recording is not converted yet, so what it saves is not known"}
+    trim_map = prompt_answer.plan_trim(settings, Path(recording.converted_path), recording.duration_seconds)
+    if trim_map is None:
+        return {"trimming": "on; too little silence to cut: the whole recording is sent",
+                "trimmed_audio_tokens": estimate}
+    # estimated_audio_tokens stays the untrimmed count: the two side by side show what trimming saves.
+    return {"trimming": f"on; {trim_map.saved_seconds:.0f} s of silence cut",
+            "trimmed_audio_tokens": estimate_audio_tokens(trim_map.trimmed_duration)}
 
 
 def wait_for_prompt(settings: Settings, prompt_id: int, timeout: float | None) -> Prompt:
@@ -163,17 +209,17 @@ def wait_for_prompt(settings: Settings, prompt_id: int, timeout: float | None) -
 @main.command(name="prompts")
 @config_option
 @json_option
-@click.option("--state", type=click.Choice(PROMPT_STATES), help="Only prompts in this state.")
-def list_prompts(config_path: str | None, as_json: bool, state: str | None) -> None:
-    """The prompt queue and the finished prompts."""
+@filter_options(PROMPT_STATES)
+def list_prompts(config_path: str | None, as_json: bool, state: str | None, folder: str | None,
+                 template: str | None, since: datetime | None, until: datetime | None) -> None:
+    """The prompt queue and the finished prompts (filters combine: --state, --folder, --template, --since,
+    --until)."""
     settings = settings_or_exit(config_path)
     session = open_session(settings)
     items: list[dict[str, Any]] = []
     if session is not None:
         with session:
-            query = select(Prompt).order_by(Prompt.id)
-            if state:
-                query = query.where(Prompt.state == state)
+            query = prompts_query(Filters(state, folder, template, since, until))
             items = [prompt_json(p) for p in session.scalars(query).all()]
     if as_json:
         click.echo(json.dumps(items, indent=2))
@@ -187,28 +233,44 @@ def list_prompts(config_path: str | None, as_json: bool, state: str | None) -> N
         note = item["result_path"] or item["error"] or item["waiting_for"] or ""
         table.add_row(str(item["id"]), item["state"], item["template"] or "(own prompt)",
                       ", ".join(map(str, item["recording_ids"])), str(tokens or ""), note)
-    Console().print(table if items else "no prompts yet")
+    filtered = any((state, folder, template, since, until))
+    Console().print(table if items else "no prompts match" if filtered else "no prompts yet")
 
 
 @main.command()
 @config_option
+@json_option
 @click.argument("prompt_id", type=int)
-def result(config_path: str | None, prompt_id: int) -> None:
-    """Print one prompt's result text."""
+@click.option("--format", "fmt", type=click.Choice(RESULT_FORMATS), default="text", show_default=True,
+              help="text: the answer as stored; markdown: as its .md file; json: its metadata with the answer; "
+                   "srt, vtt: subtitles from a timestamped transcript.")
+def result(config_path: str | None, as_json: bool, prompt_id: int, fmt: str) -> None:
+    """Print one prompt's result, in any of its formats."""
     settings = settings_or_exit(config_path)
     session, prompt = open_row(settings, Prompt, prompt_id, "prompt")
     with session:
         if prompt.state != "done":
             detail = prompt.error if prompt.state == "failed" else prompt.waiting_for
             fail(f"prompt {prompt_id} is {prompt.state}" + (f": {detail}" if detail else ""))
-        click.echo(prompt.result_text or "")
+        durations = [session.get(Recording, link.recording_id) for link in prompt.recordings]
+        try:
+            content = render_result(prompt, fmt, [r.duration_seconds if r else None for r in durations])
+        except NoTimestamps as err:
+            fail(str(err))
+            return
+        report = {**prompt_json(prompt), "format": fmt, "content": content}
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        click.echo(content, nl=not content.endswith("\n"))
 
 
 @main.command()
 @config_option
+@json_option
 @click.argument("item_id", metavar="ID", type=int)
 @click.option("--prompt", "is_prompt", is_flag=True, help="ID is a failed prompt: queue it again.")
-def retry(config_path: str | None, item_id: int, is_prompt: bool) -> None:
+def retry(config_path: str | None, as_json: bool, item_id: int, is_prompt: bool) -> None:
     """Retry a failed or rejected recording (or, with --prompt, a failed prompt) now."""
     from daemon import wakeup
     from daemon.pipeline import lifecycle
@@ -225,8 +287,10 @@ def retry(config_path: str | None, item_id: int, is_prompt: bool) -> None:
                                      reason="retry requested from the command line", error=None, attempts=0,
                                      timeouts=0, internal_errors=0, next_attempt_at=None, finished_at=None)
             session.commit()
+            session.refresh(prompt)
+            retried = prompt_json(prompt)
         wakeup.poke(settings.state_dir, "prompt", "upload")
-        click.echo(f"prompt {item_id} queued again")
+        click.echo(json.dumps(retried, indent=2) if as_json else f"prompt {item_id} queued again")
         return
     session, recording = open_row(settings, Recording, item_id, "recording", write=True)
     with session:
@@ -234,5 +298,7 @@ def retry(config_path: str | None, item_id: int, is_prompt: bool) -> None:
             fail(f"recording {item_id} is {recording.state}; only failed or rejected recordings can be retried")
         lifecycle.retry(session, recording, now=now, reason="retry requested from the command line")
         session.commit()
+        session.refresh(recording)
+        retried = recording_json(recording)
     wakeup.poke(settings.state_dir, "convert", "upload")
-    click.echo(f"recording {item_id} queued for another attempt")
+    click.echo(json.dumps(retried, indent=2) if as_json else f"recording {item_id} queued for another attempt")

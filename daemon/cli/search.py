@@ -163,10 +163,11 @@ def _print_table(hits: list[Hit]) -> None:
 
 @main.command(name="open")
 @config_option
+@json_option
 @click.argument("prompt_id", type=int)
 @click.option("--at", "at", metavar="TIME", help="Also the line of the transcript at or after this time (01:02:03): "
                                                  "prints PATH:LINE, as editors take it.")
-def open_command(config_path: str | None, prompt_id: int, at: str | None) -> None:
+def open_command(config_path: str | None, as_json: bool, prompt_id: int, at: str | None) -> None:
     """Print the path of a prompt's result file (with --at, PATH:LINE of the line said at that time)."""
     from daemon.prompts.chunking import parse_clock
 
@@ -182,10 +183,11 @@ def open_command(config_path: str | None, prompt_id: int, at: str | None) -> Non
         fail(f"prompt {prompt_id} has no result file" + (" yet" if state in ("queued", "running", "done") else "")
              + f" ({state})")
     assert path is not None
-    if seconds is None:
-        click.echo(path)
-        return
-    click.echo(f"{path}:{line_at(prompt_id, Path(path), seconds)}")
+    line = None if seconds is None else line_at(prompt_id, Path(path), seconds)
+    if as_json:
+        click.echo(json.dumps({"prompt_id": prompt_id, "path": path, "line": line}, indent=2))
+    else:
+        click.echo(path if line is None else f"{path}:{line}")
 
 
 def line_at(prompt_id: int, path: Path, seconds: float) -> int:

@@ -8,12 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import click
-from sqlalchemy import select
 
-from daemon import nodes
+from daemon import nodes, notify, profiles
 from daemon.cli import config_option, json_option, lock_holder, main, open_row, open_session, settings_or_exit
-from daemon.cli.views import PROMPT_STATES, STATES, recording_json
+from daemon.cli.views import PROMPT_STATES, STATES, Filters, filter_options, recording_json, recordings_query
 from daemon.clock import iso
+from daemon.config import Settings
+from daemon.prompts import pricing
 from db import queries
 from db.models import Node, Recording
 
@@ -30,7 +31,8 @@ def status(config_path: str | None, as_json: bool) -> None:
     counts: dict[str, int] = {}
     prompts: dict[str, int] = {}
     used, foreign, upcoming, state, local, fleet = 0, 0, None, None, None, []
-    tokens_today = {"prompt": 0, "audio": 0, "output": 0, "thinking": 0}
+    tokens_today = {"prompt": 0, "audio": 0, "output": 0, "thinking": 0, "cached": 0}
+    spending, notifications = None, None
     if session is not None:
         with session:
             counts = queries.recording_counts(session)
@@ -43,6 +45,10 @@ def status(config_path: str | None, as_json: bool) -> None:
             foreign = (state.foreign_bytes or 0) if state else 0
             tokens_today = queries.tokens_since(session, datetime.now(UTC).replace(hour=0, minute=0, second=0,
                                                                                    microsecond=0))
+            now = datetime.now(UTC)
+            spending = pricing.spending(queries.ledger_since(session, pricing.month_start(now)), now,
+                                        settings.price_table)
+            notifications = notify.summary(session)
     live = local is not None and running
     report: dict[str, Any] = {
         "daemon": {"running": running, "pid": holder if running else None, "node": settings.service.node_name,
@@ -60,7 +66,10 @@ def status(config_path: str | None, as_json: bool) -> None:
                     "reconciled_at": iso(state.reconciled_at) if state else None},
         "next_expiry": {"recording_id": upcoming[0], "expires_at": iso(upcoming[1])} if upcoming else None,
         "tokens_today": tokens_today,
+        "cost": _cost(settings, spending),
+        "notifications": notifications,
         "state_dir": str(settings.state_dir),
+        "profiles": profiles.statuses(settings),  # each drop folder's .audiodrop.toml: loaded, or ignored and why
     }
     if as_json:
         click.echo(json.dumps(report, indent=2))
@@ -84,6 +93,9 @@ def status(config_path: str | None, as_json: bool) -> None:
                                                                 else ""))
     for folder in report["daemon"]["unavailable_folders"]:
         console.print(f"[yellow]unavailable drop folder[/yellow]: {folder}")
+    for profile in report["profiles"]:
+        if profile["state"] == "ignored":
+            console.print(f"[yellow]folder profile ignored[/yellow]: {profile['path']}: {profile['error']}")
     table = Table("recordings", "count", "prompts", "count", box=None)
     for index in range(max(len(STATES), len(PROMPT_STATES))):
         left = STATES[index] if index < len(STATES) else ""
@@ -96,24 +108,47 @@ def status(config_path: str | None, as_json: bool) -> None:
     if upcoming:
         console.print(f"next expiry: recording {upcoming[0]} at {iso(upcoming[1])}")
     thinking = f" (+{tokens_today['thinking']} thinking)" if tokens_today["thinking"] else ""
-    console.print(f"tokens today (UTC): {tokens_today['prompt']} in ({tokens_today['audio']} audio), "
+    cached = f", {tokens_today['cached']} cached" if tokens_today["cached"] else ""
+    console.print(f"tokens today (UTC): {tokens_today['prompt']} in ({tokens_today['audio']} audio{cached}), "
                   f"{tokens_today['output']} out{thinking}")
+    cost = report["cost"]
+    if cost:
+        limits = [f"{label} budget ${cost[key]:.2f}" for label, key in (("daily", "daily_budget_usd"),
+                                                                         ("monthly", "monthly_budget_usd"))
+                  if cost[key] is not None]
+        console.print(f"spent: ${cost['today_usd']:.4f} today, ${cost['month_usd']:.4f} this month (UTC)"
+                      + (f"; {', '.join(limits)}" if limits else "")
+                      + (f"; no price for {', '.join(cost['unpriced_models'])}" if cost["unpriced_models"] else ""))
+    if notifications and (notifications["pending"] or notifications["gave_up"]):
+        console.print(f"notifications: {notifications['pending']} waiting to be delivered, "
+                      f"{notifications['gave_up']} given up" + (f" (last error: {notifications['last_error']})"
+                                                                 if notifications["last_error"] else ""))
+
+
+def _cost(settings: Settings, spending: pricing.Spending | None) -> dict[str, Any] | None:
+    """Today's and this month's spend in dollars (UTC days), with the budget; None before any database."""
+    if spending is None:
+        return None
+    budget = settings.budget
+    return {"today_usd": float(spending.today_usd), "month_usd": float(spending.month_usd),
+            "daily_budget_usd": float(budget.daily_usd) if budget.daily_usd is not None else None,
+            "monthly_budget_usd": float(budget.monthly_usd) if budget.monthly_usd is not None else None,
+            "unpriced_models": list(spending.unpriced_models)}
 
 
 @main.command()
 @config_option
 @json_option
-@click.option("--state", type=click.Choice(STATES), help="Only recordings in this state.")
-def files(config_path: str | None, as_json: bool, state: str | None) -> None:
-    """List the recordings."""
+@filter_options(STATES)
+def files(config_path: str | None, as_json: bool, state: str | None, folder: str | None, template: str | None,
+          since: datetime | None, until: datetime | None) -> None:
+    """List the recordings (filters combine: --state, --folder, --template, --since, --until)."""
     settings = settings_or_exit(config_path)
     session = open_session(settings)
     recordings: list[Recording] = []
     if session is not None:
         with session:
-            query = select(Recording).order_by(Recording.id)
-            if state:
-                query = query.where(Recording.state == state)
+            query = recordings_query(Filters(state, folder, template, since, until))
             recordings = list(session.scalars(query).all())
     if as_json:
         click.echo(json.dumps([recording_json(r) for r in recordings], indent=2))
@@ -128,7 +163,8 @@ def files(config_path: str | None, as_json: bool, state: str | None) -> None:
                       f"{r.converted_bytes / 1e3:.0f} kB" if r.converted_bytes else "",
                       iso(r.remote_expires_at) or "" if r.state == "active" else "",
                       Path(r.source_path).name, note)
-    Console().print(table if recordings else "no recordings yet")
+    filtered = any((state, folder, template, since, until))
+    Console().print(table if recordings else "no recordings match" if filtered else "no recordings yet")
 
 
 @main.command()
@@ -142,6 +178,9 @@ def show(config_path: str | None, as_json: bool, recording_id: int) -> None:
     with session:
         report = recording_json(recording)
         report["duplicates"] = [{"path": a.path, "seen_at": iso(a.seen_at)} for a in recording.aliases]
+        # What became of the source file (daemon.pipeline.sources); null until it is decided.
+        report["source"] = {"action": recording.source_action, "moved_to": recording.source_moved_to,
+                            "done_at": iso(recording.source_done_at)} if recording.source_action else None
         report["history"] = [{"at": iso(e.at), "from": e.from_state, "to": e.to_state, "reason": e.reason}
                              for e in recording.events]
     if as_json:
@@ -163,6 +202,11 @@ def show(config_path: str | None, as_json: bool, recording_id: int) -> None:
         console.print(f"  remote: {r['name']} expires {r['expires_at']}")
     for duplicate in report["duplicates"]:
         console.print(f"  duplicate: {duplicate['path']} (seen {duplicate['seen_at']})")
+    if report["source"] and report["source"]["action"] != "keep":
+        source = report["source"]
+        console.print(f"  source: {source['action']}" + (f" to {source['moved_to']}" if source["action"] in
+                                                          ("move", "moved") else "")
+                      + (f" at {source['done_at']}" if source["done_at"] else " (in progress)"))
     table = Table("at", "change", "reason", box=None)
     for event in report["history"]:
         change = event["to"] if event["from"] in (None, event["to"]) else f"{event['from']} -> {event['to']}"

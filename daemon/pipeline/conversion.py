@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -22,10 +23,11 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from daemon.context import Context
+from daemon.context import Context, ContextKind
 from daemon.engine import Claim
 from daemon.errors import PermanentError, RejectedInput, TransientError
 from daemon.pipeline import copies, intake, lifecycle, remote, transcode
+from daemon.pipeline.progress import ProgressWriter
 from daemon.policy import backoff
 from daemon.prompts import queue as prompt_queue
 from db.models import Prompt, PromptRecording, Recording
@@ -79,15 +81,14 @@ class Job:
     supersedes: tuple[int, int, str] | None  # (recording id, its size, its sha256): this file may have grown from it
 
 
-class ConvertKind:
+class ConvertKind(ContextKind):
     """Engine work: discovered -> converting -> converted | rejected | failed."""
 
     name = "convert"
     restartable = True  # at a stop it is abandoned at once: converting again costs only time
 
-    def __init__(self, ctx: Context, lease: Any, only: set[int] | None = None) -> None:
-        self.ctx = ctx
-        self.lease = lease  # callable: now -> lease end
+    def __init__(self, ctx: Context, lease: Callable[[datetime], datetime], only: set[int] | None = None) -> None:
+        super().__init__(ctx, lease)
         self.only = only  # `audiodrop process`: only these recordings
 
     def workers(self) -> int:
@@ -109,7 +110,7 @@ class ConvertKind:
         for recording in ready[:limit]:
             token = lifecycle.claim(session, recording.id, expected=S.DISCOVERED, to=S.CONVERTING, now=now,
                                     holder=self.ctx.holder, until=self.lease(now),
-                                    reason="the file is complete; converting")
+                                    reason="the file is complete; converting", progress_seconds=None)
             if token is not None:
                 claims.append(Claim(self.name, Recording, recording.id, token))
         return claims
@@ -252,7 +253,8 @@ def _convert_open(ctx: Context, job: Job, descriptor: int) -> None:
         probed = transcode.probe(source, ffprobe=settings.ffprobe, label=name)
         result = transcode.convert(source, destination, fmt, probe_result=probed, ffmpeg=settings.ffmpeg,
                                    ffprobe=settings.ffprobe, label=name,
-                                   timeout=transcode.conversion_timeout(probed.duration_seconds))
+                                   timeout=transcode.conversion_timeout(probed.duration_seconds),
+                                   progress=ProgressWriter(ctx, job.recording_id, job.token, "progress_seconds"))
         if not from_copy and (os.fstat(descriptor).st_size, os.fstat(descriptor).st_mtime_ns) != (job.size,
                                                                                                   job.mtime_ns):
             destination.unlink(missing_ok=True)

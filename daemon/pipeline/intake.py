@@ -24,6 +24,7 @@ from sqlalchemy import ColumnElement, select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from daemon import profiles
 from daemon.config import IntakeSettings, Settings, Watch
 from daemon.pipeline import lifecycle
 from db.models import Recording, SourceAlias
@@ -53,9 +54,11 @@ class Candidate:
 
 
 def is_ignored_name(name: str) -> bool:
-    """Hidden files, partial downloads and temporary names (including the daemon's own temp files)."""
+    """Hidden files, partial downloads and temporary names (including the daemon's own temp files), and a drop
+    folder's profile (.audiodrop.toml, at any depth: it is read as settings, never taken as a recording)."""
     lowered = name.lower()
-    return lowered.startswith(PARTIAL_PREFIXES) or lowered.endswith(PARTIAL_SUFFIXES)
+    return lowered.startswith(PARTIAL_PREFIXES) or lowered.endswith(PARTIAL_SUFFIXES) or lowered == \
+        profiles.PROFILE_NAME
 
 
 def matches_patterns(relative: str, watch: Watch) -> bool:
@@ -264,6 +267,10 @@ def take(sessions: sessionmaker[Session], path: Path, settings: Settings, *, now
     name, written here or moved in from elsewhere; with no process holding it open for writing, it was moved in
     (a writer holds a file it creates until it closes it), and counts as closed."""
     try:
+        if profiles.is_profile(path) or (moved_from is not None and profiles.is_profile(moved_from)):
+            profiles.refresh(settings)  # a folder profile appeared, changed or went: settings, never a recording
+            if profiles.is_profile(path):
+                return None
         watch = watch_for(path, settings)
         why = storable_name(path)
         if why is not None:
@@ -350,6 +357,8 @@ def scan_and_observe(sessions: sessionmaker[Session], settings: Settings, *, now
     """The catch-up scan: every file not yet taken is observed, each in its own transaction. A file that has
     not changed for `settle_seconds` and that no process holds open for writing is complete at once (it was
     there while the daemon was down). Returns how many files were observed."""
+    if folder is None:
+        profiles.refresh(settings)  # a profile whose change no event reported is read again here
     items = scan_folder(folder, settings) if folder is not None else scan(settings)
     unnamed = [item for item in items if storable_name(item.path) is not None]
     for item in unnamed:  # each refused on its own; they never reach a query with the others

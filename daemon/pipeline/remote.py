@@ -13,8 +13,8 @@ from typing import Any
 from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from daemon import policy
-from daemon.context import Context
+from daemon import notify, policy
+from daemon.context import Context, ContextKind
 from daemon.engine import Claim
 from daemon.errors import RemoteFileGone
 from daemon.gemini import RemoteFile, display_prefix
@@ -61,6 +61,9 @@ def make_room(ctx: Context, session: Session, size: int, *, now: datetime, evict
                                     f"{max(current.free_bytes, 0) / 1e6:.1f} MB free of "
                                     f"{ctx.settings.gemini.storage_limit_bytes / 1e6:.1f} MB, and every upload of "
                                     "ours is needed by a prompt")
+        notify.quota_full(session, ctx, used_bytes=current.ours_bytes + current.foreign_bytes,
+                          limit_bytes=current.limit_bytes, needed_bytes=size, detail=ctx.pauses.storage_note,
+                          now=now)
         return False
     for recording in (session.get(Recording, rid) for rid in chosen):
         if recording is not None and lifecycle.advance(session, recording.id, expected=S.ACTIVE, to=S.EXPIRED,
@@ -90,20 +93,16 @@ def queue_remote_deletion(session: Session, name: str, size: int, *, reason: str
 
 # -- deleting remote copies ------------------------------------------------------------------------------------
 
-class DeleteKind:
+class DeleteKind(ContextKind):
     """Engine work: delete the queued remote copies, one request each, outside any transaction."""
 
     name = "delete"
-
-    def __init__(self, ctx: Context, lease: Any) -> None:
-        self.ctx = ctx
-        self.lease = lease
 
     def workers(self) -> int:
         return 2
 
     def claim(self, session: Session, now: datetime, limit: int) -> list[Claim]:
-        if self.ctx.client is None or self.ctx.pauses.paused(now):
+        if self.api_unusable(now):
             return []
         due = session.scalars(select(RemoteDeletion).where(
             or_(RemoteDeletion.next_attempt_at.is_(None), RemoteDeletion.next_attempt_at <= now),

@@ -14,8 +14,10 @@ import math
 import os
 import re
 import secrets
+import selectors
 import signal
 import subprocess
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +86,8 @@ MIN_TIMEOUT = 120.0
 UNKNOWN_DURATION_TIMEOUT = 3 * 3600.0
 PARTIAL_MARKER = ".partial-"
 _POINTER = re.compile(r"\[[^\]\n]* @ 0x[0-9a-fA-F]+\] ?")
+# Told how many seconds of audio a conversion has written so far (for progress bars).
+Progress = Callable[[float], None]
 
 
 # ---- pure parts: argument lists, parsing, judging -------------------------------------------------------------
@@ -106,7 +110,7 @@ def convert_args(source: Path, output: Path, fmt: OutputFormat, *, ffmpeg: str =
     span = {} if start is None else {"ss": f"{start:.6f}", "t": f"{length:.6f}"}  # input options: exact seek
     stream = ffmpeg_python.input(media_url(source), **span).output(
         media_url(output), map="0:a:0", vn=None, sn=None, dn=None, map_metadata=-1, ac=1, format=fmt.muxer,
-        **dict(fmt.codec_options))
+        fflags="+bitexact", **dict(fmt.codec_options))  # bitexact: the same audio gives the same bytes
     stream = stream.global_args("-nostdin", "-hide_banner", "-loglevel", "error", "-nostats", "-progress", "pipe:1")
     return tuple(stream.overwrite_output().compile(cmd=ffmpeg))
 
@@ -233,8 +237,10 @@ def child_environment() -> dict[str, str]:
     return {key: value for key, value in os.environ.items() if key not in SECRET_VARIABLES}
 
 
-def _run(argv: tuple[str, ...], *, timeout: float, source: Path, label: str | None = None) -> tuple[int, str, str]:
+def _run(argv: tuple[str, ...], *, timeout: float, source: Path, label: str | None = None,
+         progress: Progress | None = None) -> tuple[int, str, str]:
     """Run one ffmpeg/ffprobe without secrets in its environment; kill it when the time limit passes.
+    `progress`: told the seconds of audio ffmpeg has written so far, as its -progress report comes.
     Returns (exit status, stdout, stderr)."""
     tool = os.path.basename(argv[0])
     name = label or source.name
@@ -246,7 +252,10 @@ def _run(argv: tuple[str, ...], *, timeout: float, source: Path, label: str | No
         raise TransientError(f"{name}: cannot run {argv[0]!r} ({error.strerror})",
                              "Install ffmpeg (apt-get install ffmpeg) or correct the configured path.") from error
     try:
-        out, err = process.communicate(timeout=timeout)
+        if progress is None:
+            out, err = process.communicate(timeout=timeout)
+        else:
+            out, err = _read_reporting(process, timeout, progress)
     except subprocess.TimeoutExpired:
         raise TransientError(f"{name}: {tool} did not finish within {timeout:g} s",
                              "It is retried later; if it keeps timing out the machine is overloaded "
@@ -256,6 +265,36 @@ def _run(argv: tuple[str, ...], *, timeout: float, source: Path, label: str | No
             process.kill()
             process.communicate()
     return process.returncode, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
+
+
+def _read_reporting(process: subprocess.Popen[bytes], timeout: float, progress: Progress) -> tuple[bytes, bytes]:
+    """communicate(), but stdout is read as it comes and each new out_time_us of ffmpeg's -progress report is
+    handed to `progress` (about twice a second). Raises TimeoutExpired when the time limit passes."""
+    assert process.stdout is not None and process.stderr is not None
+    deadline = time.monotonic() + timeout
+    out, err = bytearray(), bytearray()
+    scanned = 0  # stdout up to here has been looked at for progress lines
+    with process.stdout, process.stderr, selectors.DefaultSelector() as selector:
+        selector.register(process.stdout, selectors.EVENT_READ, out)
+        selector.register(process.stderr, selectors.EVENT_READ, err)
+        while selector.get_map():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise subprocess.TimeoutExpired(process.args, timeout)
+            for key, _events in selector.select(left):
+                block = os.read(key.fd, 1 << 16)
+                if not block:
+                    selector.unregister(key.fileobj)
+                    continue
+                key.data.extend(block)
+            end = out.rfind(b"\n") + 1
+            if end > scanned:
+                seconds = decoded_seconds(out[scanned:end].decode("ascii", "replace"))
+                scanned = end
+                if seconds is not None:
+                    progress(seconds)
+    process.wait(timeout=max(deadline - time.monotonic(), 0.0))
+    return bytes(out), bytes(err)
 
 
 def probe(source: Path, *, ffprobe: str = "ffprobe", timeout: float = 60, label: str | None = None) -> ProbeResult:
@@ -277,12 +316,13 @@ def probe(source: Path, *, ffprobe: str = "ffprobe", timeout: float = 60, label:
 
 def convert(source: Path, destination: Path, fmt: OutputFormat, *, probe_result: ProbeResult | None = None,
             ffmpeg: str = "ffmpeg", ffprobe: str = "ffprobe", timeout: float | None = None,
-            label: str | None = None) -> Conversion:
-    """Convert the whole recording; `destination` appears only once the output has been checked."""
+            label: str | None = None, progress: Progress | None = None) -> Conversion:
+    """Convert the whole recording; `destination` appears only once the output has been checked. `progress` is
+    told the seconds converted so far while ffmpeg runs."""
     info = probe_result or probe(source, ffprobe=ffprobe, label=label)
     limit = timeout if timeout is not None else conversion_timeout(info.duration_seconds)
     return _produce(source, destination, fmt, info.duration_seconds, info.duration_is_estimate,
-                    ffmpeg=ffmpeg, timeout=limit, label=label)
+                    ffmpeg=ffmpeg, timeout=limit, label=label, progress=progress)
 
 
 def cut(source: Path, destination: Path, fmt: OutputFormat, start: float, end: float, *,
@@ -301,12 +341,12 @@ def cut(source: Path, destination: Path, fmt: OutputFormat, start: float, end: f
 
 def _produce(source: Path, destination: Path, fmt: OutputFormat, expected: float | None, is_estimate: bool, *,
              ffmpeg: str, timeout: float, start: float | None = None, length: float | None = None,
-             label: str | None = None) -> Conversion:
+             label: str | None = None, progress: Progress | None = None) -> Conversion:
     source, destination = Path(os.path.abspath(source)), Path(os.path.abspath(destination))
     temp = _temp_path(destination)
     try:
         argv = convert_args(source, temp, fmt, ffmpeg=ffmpeg, start=start, length=length)
-        returncode, out, err = _run(argv, timeout=timeout, source=source, label=label)
+        returncode, out, err = _run(argv, timeout=timeout, source=source, label=label, progress=progress)
         if returncode != 0:
             _still_there(source)
         urls = (media_url(source), media_url(temp))

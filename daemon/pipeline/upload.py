@@ -9,6 +9,7 @@ looked at again every `processing_poll_seconds` by the processing-check work."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -17,11 +18,12 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from daemon import policy
-from daemon.context import Context
+from daemon.context import Context, ContextKind
 from daemon.engine import Claim
 from daemon.errors import PermanentError
 from daemon.gemini import RemoteFile, display_name_for
 from daemon.pipeline import copies, lifecycle, quota, remote
+from daemon.pipeline.progress import ProgressWriter
 from daemon.policy import Action
 from daemon.prompts import queue as prompt_queue
 from db.models import Recording
@@ -33,14 +35,13 @@ log = logging.getLogger(__name__)
 STORAGE_RECHECK_SECONDS = 30.0
 
 
-class UploadKind:
+class UploadKind(ContextKind):
     """Engine work: claim what needs uploading (within the storage limit) and upload it."""
 
     name = "upload"
 
-    def __init__(self, ctx: Context, lease: Any, only: set[int] | None = None) -> None:
-        self.ctx = ctx
-        self.lease = lease
+    def __init__(self, ctx: Context, lease: Callable[[datetime], datetime], only: set[int] | None = None) -> None:
+        super().__init__(ctx, lease)
         self.only = only
 
     def workers(self) -> int:
@@ -61,7 +62,7 @@ class UploadKind:
         # Uploads interrupted earlier come first: they may have reached the server (their bytes are reserved).
         for recording in session.scalars(self._query(S.UPLOADING, now).limit(limit)).all():
             token = lifecycle.claim(session, recording.id, expected=S.UPLOADING, now=now, holder=ctx.holder,
-                                    until=self.lease(now))
+                                    until=self.lease(now), progress_bytes=None)
             if token is not None:
                 claims.append(Claim(self.name, Recording, recording.id, token, {"resuming": True}))
         for recording, evict in self._candidates(session, now, limit - len(claims)):
@@ -77,7 +78,7 @@ class UploadKind:
                 break
             reason = "uploading again" if recording.state == S.EXPIRED else "upload started"
             token = lifecycle.claim(session, recording.id, expected=recording.state, to=S.UPLOADING, now=now,
-                                    holder=ctx.holder, until=self.lease(now), reason=reason,
+                                    holder=ctx.holder, until=self.lease(now), reason=reason, progress_bytes=None,
                                     upload_display_name=display_name_for(ctx.instance_id, recording.id,
                                                                          recording.converted_sha256 or ""))
             if token is not None:
@@ -145,7 +146,8 @@ def upload_recording(ctx: Context, recording_id: int, token: int, *, resuming: b
         elif not path.is_file():
             raise PermanentError(f"the compact copy {path.name} is missing", "it is converted again")
         else:
-            uploaded = ctx.client.upload(path, mime_type=mime_type, display_name=display_name)
+            uploaded = ctx.client.upload(path, mime_type=mime_type, display_name=display_name,
+                                         progress=ProgressWriter(ctx, recording_id, token, "progress_bytes"))
     except Exception as err:  # every error goes through the one policy
         handle_failure(ctx, recording_id, token, S.UPLOADING, err, attempts + 1, missing_copy=not path.is_file(),
                        size=size)
@@ -185,20 +187,13 @@ def record_remote(ctx: Context, recording_id: int, token: int, current: S, uploa
     ctx.wake("poll", at=now + poll)
 
 
-class ProcessingKind:
+class ProcessingKind(ContextKind):
     """Engine work: ask the server about uploads that are not ACTIVE yet (the SDK never waits for ACTIVE)."""
 
     name = "poll"
 
-    def __init__(self, ctx: Context, lease: Any) -> None:
-        self.ctx = ctx
-        self.lease = lease
-
-    def workers(self) -> int:
-        return 1
-
     def claim(self, session: Session, now: datetime, limit: int) -> list[Claim]:
-        if self.ctx.client is None or self.ctx.pauses.paused(now):
+        if self.api_unusable(now):
             return []
         due = session.scalars(select(Recording).where(
             Recording.state == S.PROCESSING, lifecycle.is_free(now),

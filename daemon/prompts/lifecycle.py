@@ -92,12 +92,14 @@ def note(session: Session, prompt_id: int, *, now: datetime, reason: str) -> Non
 def take_back(session: Session, now: datetime, dead: Callable[[Any], ColumnElement[bool]]) -> int:
     """Prompts held by dead claims go back to the queue: their answer was never stored (an answer that was
     stored already made the prompt done)."""
-    # A running prompt with no holder at all was left by a version without claims: it is dead too.
-    ownerless = (Prompt.state == P.RUNNING) & Prompt.claimed_by.is_(None)
-    stale = session.execute(select(Prompt.id, Prompt.state, Prompt.claimed_by)
+    # A running prompt with no holder at all was left by a version without claims: it is dead too. A running prompt
+    # with a batch_name is in a Batch API job: it stays running, free to be claimed, and the job is resumed by its
+    # stored name, never sent again (daemon.prompts.batch).
+    ownerless = (Prompt.state == P.RUNNING) & Prompt.claimed_by.is_(None) & Prompt.batch_name.is_(None)
+    stale = session.execute(select(Prompt.id, Prompt.state, Prompt.claimed_by, Prompt.batch_name)
                             .where((Prompt.claimed_by.is_not(None) & dead(Prompt)) | ownerless)).all()
-    for prompt_id, state, holder in stale:
-        if state == P.RUNNING:
+    for prompt_id, state, holder, batch_name in stale:
+        if state == P.RUNNING and batch_name is None:
             advance(session, prompt_id, expected=P.RUNNING, to=P.QUEUED, now=now, release=True,
                     reason=f"its worker ({holder or 'an earlier run'}) stopped or lost its lease; running it again",
                     waiting_for="interrupted; running it again", wait_kind=None, next_attempt_at=None)

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, selectinload
 
+from daemon import profiles
 from daemon.config import Settings, Template
 from daemon.prompts import chunking, lifecycle
 from db.models import Prompt, PromptRecording, Recording
@@ -39,12 +40,31 @@ class Request:
     system_instruction: str | None
     output_format: str
     span: tuple[float, float] | None = None
+    trim: bool = False
+    batch: bool = False
+    extra_formats: tuple[str, ...] = ()
+    speakers: tuple[str, ...] = ()
+    force_budget: bool = False
+
+
+# Trimming is on by default for the answers whose worth is the words said: transcripts and summaries.
+TRIMMED_BY_DEFAULT = ("transcribe", "summarize")
+
+
+def trims(settings: Settings, template: Template | None, name: str | None) -> bool:
+    """Whether a prompt cuts long silences: the template's `trim`, else on for transcripts and summaries when
+    trimming.enabled (a folder profile may decide otherwise before this is asked)."""
+    if template is not None and template.trim is not None:
+        return template.trim
+    return settings.trimming.enabled and name in TRIMMED_BY_DEFAULT
 
 
 def request_for(settings: Settings, recording_ids: list[int], *, template: str | None = None,
                 prompt_text: str | None = None, model: str | None = None,
-                span: tuple[float, float] | None = None) -> Request:
-    """A prompt request from a template name or a free text (exactly one of them)."""
+                span: tuple[float, float] | None = None, trim: bool | None = None, batch: bool | None = None,
+                speakers: tuple[str, ...] = (), force_budget: bool = False) -> Request:
+    """A prompt request from a template name or a free text (exactly one of them). `trim` and `batch` None: as
+    the template says."""
     if (template is None) == (prompt_text is None):
         raise QueueError("give either a template or a prompt text")
     chosen: Template | None = None
@@ -56,7 +76,10 @@ def request_for(settings: Settings, recording_ids: list[int], *, template: str |
     return Request(recording_ids=recording_ids, prompt_text=text, template=template,
                    model=model or (chosen.model if chosen and chosen.model else settings.gemini.model),
                    system_instruction=chosen.system_instruction if chosen else None,
-                   output_format=chosen.output_format if chosen else "markdown", span=span)
+                   output_format=chosen.output_format if chosen else "markdown", span=span,
+                   trim=trims(settings, chosen, template) if trim is None else trim,
+                   batch=(chosen.batch if chosen else False) if batch is None else batch,
+                   extra_formats=chosen.formats if chosen else (), speakers=speakers, force_budget=force_budget)
 
 
 def check(session: Session, request: Request) -> int | None:
@@ -100,7 +123,9 @@ def enqueue(session: Session, request: Request, *, now: datetime, reason: str = 
                     output_format=request.output_format,
                     span_start_seconds=request.span[0] if request.span else None,
                     span_end_seconds=request.span[1] if request.span and math.isfinite(request.span[1]) else None,
-                    estimated_audio_tokens=estimate, created_at=now, attempts=0)
+                    estimated_audio_tokens=estimate, created_at=now, attempts=0, trim=request.trim,
+                    batch=request.batch, extra_formats=",".join(request.extra_formats) or None,
+                    speakers="\n".join(request.speakers) or None, force_budget=request.force_budget)
     session.add(prompt)
     session.flush()
     for position, rid in enumerate(request.recording_ids):
@@ -111,15 +136,33 @@ def enqueue(session: Session, request: Request, *, now: datetime, reason: str = 
 
 
 def enqueue_watch_prompts(session: Session, settings: Settings, recording: Recording, *, now: datetime) -> None:
-    """The prompts of the recording's drop folder, once per recording."""
-    watch = next((w for w in settings.watches if str(w.path) == recording.watch_root), None)
-    if watch is None or not watch.prompts:
+    """The prompts of the recording's drop folder (its profile's, else its [[watch]] table's), once per recording,
+    each with the folder's glossary in its system instruction and the folder's say on trimming."""
+    rules = profiles.rules_for(settings, recording)
+    if not rules.prompts:
         return
     if session.scalar(select(PromptRecording.prompt_id).where(PromptRecording.recording_id == recording.id).limit(1)):
         return
-    for name in watch.prompts:
-        enqueue(session, request_for(settings, [recording.id], template=name), now=now,
-                reason=f"queued for the drop folder {watch.path}")
+    source = f"{rules.profile}" if rules.state == "loaded" else f"the drop folder {rules.folder}"
+    for name in rules.prompts:
+        request = request_for(rules.settings, [recording.id], template=name,
+                              trim=profiles.trim_for(settings, recording, name))
+        request = replace(request, system_instruction=with_glossary(request.system_instruction, rules.glossary))
+        enqueue(session, request, now=now, reason=f"queued for {source}")
+
+
+def glossary_for(settings: Settings, recording: Recording) -> str | None:
+    """The glossary of the recording's drop folder (its profile's names and terms), as text for a system
+    instruction; None when the folder has none."""
+    return profiles.rules_for(settings, recording).glossary
+
+
+def with_glossary(system_instruction: str | None, glossary: str | None) -> str | None:
+    """The system instruction with the glossary after it; unchanged when there is none or it is already there (a
+    prompt queued for a drop folder has it from the start)."""
+    if not glossary or (system_instruction and glossary in system_instruction):
+        return system_instruction
+    return f"{system_instruction}\n\n{glossary}" if system_instruction else glossary
 
 
 def recording_ready(session: Session, recording_id: int) -> None:
@@ -130,11 +173,15 @@ def recording_ready(session: Session, recording_id: int) -> None:
 
 
 def planned_delivery(settings: Settings, prompt: Prompt, recordings: list[Recording], *, shared: bool) -> str:
-    """How the prompt's audio will travel: "span" and "chunks" are cut locally, "inline" goes in the request,
-    "files" needs live remote copies. `shared`: another queued prompt needs the same recording."""
+    """How the prompt's audio will travel: "trimmed", "span" and "chunks" are cut locally, "inline" goes in the
+    request, "files" needs live remote copies. `shared`: another queued prompt needs the same recording."""
     single = recordings[0] if len(recordings) == 1 else None
+    if prompt.batch and batch_lane_refusal(settings, prompt, recordings) is None:
+        return "files"  # the Batch API lane sends the uploaded files, whole (daemon.prompts.batch)
     if single is None:
         return "files"
+    if prompt.trim:
+        return "trimmed"
     if prompt.span_start_seconds is not None:
         return "span"
     chunk_seconds = prompt.chunk_seconds or settings.prompts.chunk_seconds
@@ -146,6 +193,25 @@ def planned_delivery(settings: Settings, prompt: Prompt, recordings: list[Record
             and single.converted_bytes and request_bytes <= settings.prompts.inline_limit_bytes:
         return "inline"
     return "files"
+
+
+# -- the Batch API lane (daemon.prompts.batch) ------------------------------------------------------------------
+
+def batch_lane_refusal(settings: Settings, prompt: Prompt, recordings: list[Recording]) -> str | None:
+    """Why a batch prompt cannot go through the Batch API (it then runs in the normal lane), or None. A job's
+    request is one generateContent call over the uploaded files: audio cut locally (a --from/--to span, a long
+    transcript's chunks) would travel inline, and a job's inlined requests share one 20 MB request."""
+    if prompt.span_start_seconds is not None:
+        return "a --from/--to span is cut locally and sent inline"
+    seconds = sum(r.duration_seconds or 0 for r in recordings)
+    chunk_seconds = prompt.chunk_seconds or settings.prompts.chunk_seconds
+    if prompt.chunk_seconds is not None or (prompt.template == "transcribe" and len(recordings) == 1
+                                            and seconds > chunk_seconds * 1.1):
+        return f"a {seconds / 60:.0f}-minute transcript is answered in chunks"
+    rejected = next((r for r in recordings if r.state == S.REJECTED), None)
+    if rejected is not None:
+        return f"recording {rejected.id} was rejected"
+    return None
 
 
 def needs_remote_copies(session: Session, settings: Settings) -> set[int]:

@@ -28,7 +28,7 @@ from typing import Any
 from daemon import atomic
 from daemon.prompts.chunking import format_clock
 
-EXTENSIONS = {"markdown": ".md", "text": ".txt", "json": ".json"}
+EXTENSIONS = {"markdown": ".md", "text": ".txt", "json": ".json", "srt": ".srt", "vtt": ".vtt"}
 META_SUFFIX = ".meta.json"
 FILE_MODE = 0o640  # operators in the daemon's group read results; nobody else does
 TEMP_MARKER = ".partial-"  # hidden temp files: the watcher ignores dotfiles, remove_stale_temps sweeps them
@@ -148,6 +148,11 @@ def write_result(text_path: Path, meta_path: Path, text: str, metadata: Mapping[
     atomic.write(meta_path, meta_bytes, marker=TEMP_MARKER, mode=FILE_MODE)
 
 
+def write_text(path: Path, text: str) -> None:
+    """A file beside a result (its subtitles), written atomically like the result itself."""
+    atomic.write(path, text.encode("utf-8"), marker=TEMP_MARKER, mode=FILE_MODE)
+
+
 def _json_value(value: Any) -> Any:
     """JSON for what metadata holds beyond plain types: times as ISO 8601 UTC ("...Z"), paths as strings."""
     if isinstance(value, datetime):
@@ -173,7 +178,7 @@ def render_markdown(title: str, text: str, metadata: Mapping[str, Any]) -> str:
 
     Reads these metadata keys when present (the prompts table's column names): recordings, template, model,
     prompt_id, finished_at (else created_at), span_start_seconds/span_end_seconds, prompt_tokens, audio_tokens,
-    output_tokens, finish_reason, fixes, warnings.
+    output_tokens, cached_tokens, cost_usd, trimmed_seconds, finish_reason, fixes, warnings.
     """
     header = [f"# {_one_line(title) or 'Result'}", ""]
     header += [f"- {label}: {value}" for label, value in _header_fields(metadata) if value]
@@ -192,6 +197,9 @@ def _header_fields(metadata: Mapping[str, Any]) -> list[tuple[str, str]]:
         ("Date", _date(metadata.get("finished_at") or metadata.get("created_at"))),
         ("Span", _span(metadata.get("span_start_seconds"), metadata.get("span_end_seconds"))),
         ("Tokens", _tokens(metadata)),
+        ("Cost", f"${metadata['cost_usd']:.4f}" if metadata.get("cost_usd") is not None else ""),
+        ("Trimmed", f"{metadata['trimmed_seconds']:.0f} s of silence not sent (times are the recording's own)"
+         if metadata.get("trimmed_seconds") else ""),
         ("Finish reason", f"{finish}" + ("" if finish in (None, "STOP") else " (the answer may be incomplete)")
          if finish else ""),
         ("Corrections", "; ".join(_one_line(str(fix)) for fix in metadata.get("fixes") or [])),
@@ -220,7 +228,9 @@ def _tokens(metadata: Mapping[str, Any]) -> str:
     prompt, audio, output = (metadata.get(key) for key in ("prompt_tokens", "audio_tokens", "output_tokens"))
     parts = []
     if prompt is not None:
-        parts.append(f"{prompt:,} in" + (f" ({audio:,} audio)" if audio is not None else ""))
+        cached = metadata.get("cached_tokens")
+        parts.append(f"{prompt:,} in" + (f" ({audio:,} audio)" if audio is not None else "")
+                     + (f", {cached:,} cached" if cached else ""))
     if output is not None:
         thinking = metadata.get("thinking_tokens")
         parts.append(f"{output:,} out" + (f" (+{thinking:,} thinking)" if thinking else ""))

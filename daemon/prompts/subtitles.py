@@ -13,7 +13,7 @@ import unicodedata
 from dataclasses import dataclass
 from itertools import groupby, pairwise
 
-from daemon.prompts.chunking import Line
+from daemon.prompts.chunking import Line, parse_transcript
 
 MAX_LINE_COLUMNS = 42  # what players and broadcasters expect; a wide (CJK, emoji) character takes two columns
 MAX_LINES_PER_CUE = 2
@@ -311,3 +311,21 @@ def _srt_escape(text: str) -> str:
 def _vtt_escape(text: str) -> str:
     """WebVTT's character references; escaping ">" also keeps "-->" out of the cue text."""
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+class NoTimestamps(ValueError):
+    """Subtitles were asked of a result whose lines carry no timestamps."""
+
+
+def render(text: str, fmt: str, durations: list[float | None], *, prompt_id: int) -> str:
+    """A stored transcript as `fmt` ("srt" or "vtt"); `durations` are its recordings' lengths (the last cue ends
+    by then). NoTimestamps when no line starts with a [00:01:23] stamp."""
+    lines = parse_transcript(text)
+    stamps = [line.seconds for line in lines if line.seconds is not None]
+    if not stamps:
+        raise NoTimestamps(f"prompt {prompt_id}'s result has no timestamps (lines starting with [00:01:23]), so it "
+                           "cannot become subtitles; a transcript has them (--template transcribe)")
+    known = [d for d in durations if d is not None]
+    duration = sum(known) if known and len(known) == len(durations) else max(stamps) + MAX_CUE_MS / 1000
+    duration = max(duration, max(stamps))
+    return to_srt(lines, duration) if fmt == "srt" else to_vtt(lines, duration)
