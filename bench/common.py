@@ -228,7 +228,8 @@ class StateDb:
 
     def daemon_pid(self) -> int | None:
         try:
-            rows = self.query("SELECT pid FROM daemon_state WHERE id = 1 AND heartbeat_at IS NOT NULL")
+            # The node's row, written with its first heartbeat (the last one written is this run's).
+            rows = self.query("SELECT pid FROM nodes WHERE heartbeat_at IS NOT NULL ORDER BY heartbeat_at DESC LIMIT 1")
         except sqlite3.OperationalError:
             self.close()
             return None

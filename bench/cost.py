@@ -312,6 +312,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         else:
             tried = scenario(work, "batch lane", recordings, own, trim=False, batch=True, timeout=240)
             ledger_batch = sum(1 for row in tried["ledger"] if row[7])
+            print(f"batch lane: {sum(p['state'] == 'done' for p in tried['prompts'])}/{len(own)} done, "
+                  f"{tried['generate_calls']} generate calls, {tried['batches']} batches, {ledger_batch} ledger rows "
+                  f"marked batch, {tried['wall_s']:.0f} s", flush=True)
             if tried["finished"] and tried["batches"] and ledger_batch == len(own):
                 batch_measured = tried
             else:
@@ -325,12 +328,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     baseline = totals(base)
     table = []
     summary: dict[str, float] = {}
-    for name, result in runs:
+    keys = ["baseline_usd", "trimmed_usd", "cached_usd", "shared_no_cache_usd", "trimmed_cached_usd"]
+    for key, (name, result) in zip(keys, runs, strict=True):
         t = totals(result)
         table.append([name, f"{t['done']}/{t['prompts']}", t["prompt"], t["audio"], t["cached"], t["output"],
                       f"{t['usd']:.6f}", f"{t['usd'] / baseline['usd']:.3f}" if baseline["usd"] else "-",
                       "measured"])
-        summary[name.split(":")[0].replace(" ", "_")[:24] + "_usd"] = float(t["usd"])
+        summary[key] = float(t["usd"])
     if batch_measured is not None:
         t = totals(batch_measured)
         table.append(["batch lane: ask --batch, own recordings", f"{t['done']}/{t['prompts']}", t["prompt"],
@@ -351,7 +355,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         print(f"\nbatch lane: COMPUTED, not measured — {batch_note}. The row is the baseline's ledger rows priced "
               "by daemon.prompts.pricing.cost(batch=True).")
     per_prompt = []
-    for name, result in runs:
+    for name, result in runs + ([("batch lane", batch_measured)] if batch_measured is not None else []):
         for (kind, index), p in zip(result["plan"], result["prompts"], strict=False):
             per_prompt.append([name.split(":")[0], p["id"], f"{kind} of recording {index + 1}", p["audio"], p["cached"], p["output"],
                                p["trimmed_s"], f"{p['usd']:.6f}" if p["usd"] is not None else "-"])

@@ -13,6 +13,7 @@ import queue
 import secrets
 import signal
 import threading
+import time
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,8 +37,9 @@ from daemon.pipeline.conversion import ConvertKind
 from daemon.pipeline.sources import SourceKind
 from daemon.pipeline.upload import ProcessingKind, UploadKind
 from daemon.pipeline.watcher import Hint, Watcher
-from daemon.prompts import batch, results
+from daemon.prompts import batch as batch_lane
 from daemon.prompts import lifecycle as prompt_lifecycle
+from daemon.prompts import results
 from daemon.prompts import runner as prompt_runner
 from daemon.wakeup import Listener
 from db import queries
@@ -48,6 +50,8 @@ from db.states import RecordingState as S
 log = logging.getLogger(__name__)
 
 HEARTBEAT_SECONDS = 5.0
+# How often a node of a fleet looks for work queued by the others (each look is one claim query per kind).
+FLEET_LOOK_SECONDS = 15.0
 # Work only this node can do (its own drop folders' conversions and sources): never queued by another node.
 FLEET_LOCAL_KINDS = frozenset({"convert", "source", "sources", "expire", "retry"})
 FOLDER_CHECK_SECONDS = 10.0
@@ -154,7 +158,7 @@ def build_engine(ctx: Context, *, only: set[int] | None = None, prompts_only: se
     if upload:
         kinds += [UploadKind(ctx, lease, only), ProcessingKind(ctx, lease), remote.DeleteKind(ctx, lease),
                   prompt_runner.PromptKind(ctx, lease, prompts_only), prompt_runner.ResultFilesKind(ctx, lease),
-                  batch.BatchKind(ctx, lease, prompts_only)]
+                  batch_lane.BatchKind(ctx, lease, prompts_only)]
         # What wakes the prompts (a file ACTIVE again, a config reload) wakes the Batch API lane's prompts too.
         wake_prompts = ctx.wake
         ctx.wake = lambda *names, at=None: wake_prompts(*names, *(("batch",) if "prompt" in names else ()), at=at)
@@ -180,6 +184,7 @@ class Daemon:
         self.scheduler = BackgroundScheduler(timezone=UTC, job_defaults={"coalesce": True, "max_instances": 1,
                                                                          "misfire_grace_time": 30})
         self.has_key = False
+        self.next_fleet_look = 0.0
 
     # -- start and stop ------------------------------------------------------------------------------
 
@@ -450,7 +455,9 @@ class Daemon:
             return
         if ctx.pauses.database_ok():
             self.wake(*self.engine.kinds)
-        elif ctx.fleet:  # other nodes queue work too, and their wake-ups do not reach this machine: look for it
+        elif ctx.fleet and time.monotonic() >= self.next_fleet_look:
+            # Other nodes queue work too, and their wake-ups do not reach this machine: look for it now and then.
+            self.next_fleet_look = time.monotonic() + FLEET_LOOK_SECONDS
             self.wake(*(kind for kind in self.engine.kinds if kind not in FLEET_LOCAL_KINDS))
         systemd.notify("STATUS=" + status_line(counts, used, self.settings.gemini.storage_limit_bytes, waiting))
 

@@ -239,11 +239,11 @@ def test_a_recorder_without_a_key_leaves_uploads_and_prompts_to_a_node_with_one(
         recorder.start()
         server.start()
         make_tone(recorder.inbox / "standup.wav", seconds=6.0)
-        wait_until(lambda: states(postgres_url)["active"] == 1, 30, 0.5, message="the server uploads it")
+        wait_until(lambda: states(postgres_url)["active"] == 1, 60, 0.5, message="the server uploads it")
         [item] = recorder.files()
         assert item["node"] == "recorder"
         asked = recorder.cli("ask", str(item["id"]), "--template", "summarize", "--json")
-        wait_for_answers(postgres_url, 1, 30, [recorder, server])
+        wait_for_answers(postgres_url, 1, 60, [recorder, server])
         assert query(postgres_url, f"SELECT claimed_by FROM prompts WHERE id = {asked['id']}") == [(None,)]
         assert [record.model for record in emu.generate_requests] == ["gemini-2.5-flash"]
         [done] = recorder.cli("prompts", "--json")

@@ -361,7 +361,7 @@ def test_watch_folder_prompts_run_on_each_new_recording_and_write_markdown_and_m
     by_template = {item["template"]: item for item in items}
     records = emulator.generate_requests
     assert len(records) == 3, "each prompt is sent once"
-    tokens_spent = {"prompt": 0, "audio": 0, "output": 0, "thinking": 0}
+    tokens_spent = {"prompt": 0, "audio": 0, "output": 0, "thinking": 0, "cached": 0}
     for template, item in by_template.items():
         assert item["recording_ids"] == [recording["id"]] and item["error"] is None
         assert item["delivery"] in ("inline", "files")
@@ -884,3 +884,34 @@ def test_ask_refuses_bad_requests_with_usage_errors_and_clear_messages(
     assert shown.returncode == 1 and f"prompt {queued['id']} is queued" in shown.stderr
     unknown = daemon.cli("result", str(queued["id"] + 1), check=False)
     assert unknown.returncode == 1 and f"no prompt with id {queued['id'] + 1}" in unknown.stderr
+
+
+def test_a_daily_budget_holds_prompts_back_and_ask_force_goes_past_it_once(
+        tmp_path: Path, emulator: Emulator, start: Callable[..., DaemonProcess]) -> None:
+    """Audio priced at $0.10 a token: a 3-s recording (96 tokens) costs about $9.60 to ask about, so a $15 day
+    has room for one answer. The second prompt waits, saying why and until when, with nothing lost; the
+    third, asked with --force, runs; the ledger's dollars are in status and in each prompt."""
+    daemon = start(emulator, daily_budget_usd=15.0,
+                   prices={"gemini-2.5-flash": {"audio_input_per_million": 100_000.0, "input_per_million": 0.3,
+                                                "output_per_million": 2.5}},
+                   prompts={"max_output_tokens": 1000})
+    media.make_tone(tmp_path / "note.wav", 3.0).rename(daemon.inbox / "note.wav")
+    [recording] = wait_recordings(daemon, lambda xs: len(xs) == 1 and xs[0]["state"] == "active")
+    rid = str(recording["id"])
+
+    first = ask(daemon, rid, "--template", "summarize")
+    assert first["state"] == "done" and 9.5 <= first["cost_usd"] <= 9.9
+    second = daemon.cli("ask", rid, "--prompt", "List the action items.", "--json")
+    waiting = wait_until(lambda: next((p for p in prompts_of(daemon) if p["id"] == second["id"]
+                                       and p["waiting_for"] and "budget" in p["waiting_for"]), None), 30)
+    assert waiting["state"] == "queued" and "daily" in waiting["waiting_for"]
+    assert re.search(r"until \d{4}-\d\d-\d\d 00:00 UTC", waiting["waiting_for"])  # the next UTC midnight
+    forced = ask(daemon, rid, "--prompt", "Who spoke first?", "--force")
+    assert forced["state"] == "done"
+    assert len(emulator.generate_requests) == 2  # the held-back prompt was never sent
+    cost = daemon.cli("status", "--json")["cost"]
+    assert cost["daily_budget_usd"] == 15.0
+    assert cost["today_usd"] == pytest.approx(first["cost_usd"] + forced["cost_usd"], abs=1e-6)
+    assert cost["month_usd"] >= cost["today_usd"]
+    held = next(p for p in prompts_of(daemon) if p["id"] == second["id"])
+    assert held["state"] == "queued" and held["cost_usd"] is None

@@ -471,3 +471,41 @@ def test_the_daemon_sends_only_the_speech_and_the_transcripts_times_are_the_reco
     for seconds in found:
         assert min(abs(seconds - start) for start in starts) <= 0.5 + 0.5, (found, starts)  # whole-second stamps
     assert "- Trimmed:" in text
+
+
+@needs_speech
+def test_chunked_and_spanned_transcripts_of_a_trimmed_recording_keep_the_recordings_times(tmp_path):
+    """The same with 15-s chunks: the trimmed timeline (about 18 s of the 88) goes in two chunks, each cut
+    through its window of the trim map, and a --from/--to span is trimmed within itself; every stamp of both
+    results lands on a sentence of the original."""
+    from tests.emulator import Emulator
+    from tests.harness import API_KEY, DaemonProcess
+
+    recording = make_recording(tmp_path / "made", [20.0, 1.0, 25.0], lead=15.0, tail=15.0)
+    starts = [span.start for span in recording.speech]
+    with Emulator(api_key=API_KEY, data_dir=tmp_path / "emulator", transcript="speech") as emulator:
+        daemon = DaemonProcess(tmp_path / "d", base_url=emulator.base_url, trimming={"enabled": True},
+                               prompts={"chunk_seconds": 15.0, "chunk_overlap_seconds": 2.0})
+        daemon.start()
+        try:
+            (daemon.inbox / "meeting.wav").write_bytes(recording.master.read_bytes())
+            [item] = daemon.wait_for_states({"active": 1}, timeout=60)
+            chunked = daemon.cli("ask", str(item["id"]), "--template", "transcribe", "--wait", "--timeout", "90",
+                                 "--json")
+            span_from = starts[1] - 5
+            spanned = daemon.cli("ask", str(item["id"]), "--template", "transcribe", "--from", f"{span_from:.0f}s",
+                                 "--to", f"{starts[3] + 6:.0f}s", "--wait", "--timeout", "90", "--json")
+        finally:
+            daemon.stop()
+    assert chunked["state"] == "done" and chunked["delivery"] == "chunks" and chunked["chunks"] == 2
+    assert spanned["state"] == "done" and spanned["delivery"] == "span"
+    # The emulator stamps each stretch of speech it hears (a sentence may be two), rounded down to the second, in
+    # a piece that starts at a cut: the pause and the pad (0.8 s) before the speech plus that second are allowed.
+    for result, sentences in ((chunked, recording.speech), (spanned, recording.speech[1:])):
+        text = Path(result["result_path"]).read_text().split("---", 1)[1]
+        found = [line.seconds for line in parse_transcript(text) if line.seconds is not None]
+        assert found, text
+        for seconds in found:
+            assert any(s.start - 1.8 <= seconds <= s.end for s in sentences), (found, sentences)
+        heard = {i for i, s in enumerate(sentences) for seconds in found if s.start - 1.8 <= seconds <= s.end}
+        assert heard >= {0, len(sentences) - 1}, (found, sentences)  # from the first sentence to the last
