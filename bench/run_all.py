@@ -14,7 +14,7 @@ import time
 from bench.common import command_line
 
 BENCHMARKS = ("conversion_throughput", "pickup_latency", "idle_footprint", "burst_drain", "upload_overhead", "fleet",
-              "cost")
+              "cost", "speakers")
 
 
 def main(argv: list[str] | None = None) -> int:
