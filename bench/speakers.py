@@ -8,13 +8,16 @@ Two paths, in one run:
 * **emulator**: conversations of two espeak-ng voices of clearly different pitch (en-us -p 20, about 80 Hz, and
   en-us -p 80, about 140 Hz), one utterance after another with silences between them, assembled sample-exact,
   so each utterance's start is known. The real daemon (`python -m daemon run`, tests/harness.DaemonProcess) with
-  `prompts.chunk_seconds` small (default 120 s) and its default overlap transcribes each recording in chunks
-  (`ask --template transcribe --no-trim`) against the emulator in `transcript="speech"` mode, which hears the
-  speech in each chunk, tells voices apart by median F0 (`speaker_split_hz` 110 here) and numbers them by
-  first appearance in each request, as a model that ignores the "keep these labels" note does. Scored: the
-  daemon's result file (relabelled, stitched) and the same chunk answers (the emulator's log) stitched with
-  their raw labels. The emulator knows two pitch bands only ('low'/'high'), so it cannot tell a third voice
-  apart: 3 and 4 voices are measured on the synthetic path only.
+  `prompts.chunk_seconds` small (default 120 s), its default overlap and `[trimming] enabled = true` (its
+  default settings otherwise) transcribes each recording in chunks (`ask --template transcribe`, with `--trim`
+  and/or `--no-trim`: see `--trim` below) against the emulator in `transcript="speech"` mode, which hears
+  the speech in each chunk, tells voices apart by median F0 (`speaker_split_hz` 110 here) and numbers them by
+  first appearance in each request, as a model that ignores the "keep these labels" note does. Scored: the daemon's
+  result file (relabelled, stitched, and with trimming mapped back to the recording's timeline) and the same
+  chunk answers (the emulator's log) stitched with their raw labels (trimmed: placed on the trimmed timeline,
+  stitched, then mapped back with trimming.map_timestamps and the prompt's stored trim map). The emulator knows
+  two pitch bands only ('low'/'high'), so it cannot tell a third voice apart: 3 and 4 voices are measured on
+  the synthetic path only.
 * **synthetic**: the same kind of conversation with 2, 3 and 4 voices over `--seeds` seeds (utterance lengths
   from the word count), the chunk answers built in-process by tests/test_speakers.py's `answer()` (times a
   little off, voices numbered by first appearance) and `kept_labels()` (a model that mostly keeps the note's
@@ -22,10 +25,11 @@ Two paths, in one run:
   stitched raw. Unlike the tests, a chunk also hears the end of an utterance its start cut (its last words,
   at the chunk's start), as the emulator and a real model do.
 
-`--no-trim`: with trimming the chunks lie on the trimmed timeline, and the raw answers would need the trim map to
-be scored; speaker labels do not depend on it.
+`--trim both` (the default) transcribes each recording twice, untrimmed and trimmed (the daemon's default for
+transcripts): trimming cuts most of the long silences, so fewer chunk overlaps hold only silence.
 
     .venv/bin/python -m bench.speakers                       # about 2.5 min on 2 busy cores
+    .venv/bin/python -m bench.speakers --trim on             # the daemon's default only
     .venv/bin/python -m bench.speakers --minutes 20 --seeds 200 --recordings 6
     .venv/bin/python -m bench.speakers --long-pauses 0       # no silence of 6-18 s anywhere
 """
@@ -53,6 +57,7 @@ from bench.common import (API_KEY, ESPEAK, SPEECH_TEXT, HostLoad, cpu_seconds, h
 from daemon.config import PromptSettings
 from daemon.prompts.chunking import Chunk, Line, parse_transcript, plan_chunks, stitch
 from daemon.prompts.speakers import AGREEMENT_TOLERANCE_SECONDS, agreement, on_timeline, relabel_chunks
+from daemon.prompts.trimming import TrimMap, map_timestamps
 from tests.harness import DaemonProcess, run_cli
 from tests.test_speakers import answer, kept_labels
 
@@ -68,6 +73,7 @@ SWITCH = 0.55  # the next utterance is another voice's
 LONG_PAUSE = 0.05  # a silence of 6-18 s after an utterance (else 0.9-1.5 s within a turn, 1-3 s between turns);
 # --long-pauses changes it
 SECONDS_PER_WORD = 0.36  # espeak-ng at 165 words a minute: the synthetic path's utterance lengths
+TRIM_MODES = {"both": ("off", "on"), "on": ("on",), "off": ("off",)}  # --trim: the emulator path's runs, in order
 
 
 @dataclass(frozen=True)
@@ -120,21 +126,31 @@ class Score:
     lines: int  # utterances placed (the truth)
     chunks: int
     renumbered: int  # chunks after the first in which a voice heard before came with another raw label
-    empty: int  # borders whose overlap no utterance starts in
+    empty: int  # borders whose overlap no utterance starts in (on the timeline sent)
     without: float  # agreement, chunk answers stitched with their own labels
     with_: float  # agreement, relabelled (speakers.relabel_chunks) then stitched, as the daemon does
 
 
+def stitched_back(pieces: list[tuple[Chunk, str]], duration: float, trim_map: TrimMap | None) -> list[Line]:
+    """The chunk answers stitched as they are, on the recording's timeline (mapped back through trim_map)."""
+    stitched = stitch(pieces, duration)
+    return stitched.lines if trim_map is None else parse_transcript(map_timestamps(stitched.text, trim_map).text)
+
+
 def score(truth: list[tuple[float, str]], pieces: list[tuple[Chunk, str]], duration: float,
-          relabelled: list[Line] | None = None) -> Score:
-    """relabelled: the daemon's own result (else relabel_chunks + stitch here, which is what the daemon runs)."""
+          relabelled: list[Line] | None = None, trim_map: TrimMap | None = None) -> Score:
+    """truth: on the recording's timeline; pieces and duration: on the timeline sent, the trimmed one when
+    trim_map is given. relabelled: the daemon's own result (else relabel_chunks + stitch here, which is what the
+    daemon runs, mapped back through trim_map as the daemon does)."""
     if relabelled is None:
-        relabelled = stitch(relabel_chunks(pieces), duration).lines
+        relabelled = stitched_back(relabel_chunks(pieces), duration, trim_map)
+    sent = truth if trim_map is None else [(trim_map.to_trimmed(seconds), voice) for seconds, voice in truth]
     plan = sorted((chunk for chunk, _ in pieces), key=lambda chunk: chunk.start)
-    empty = sum(not any(later.start <= seconds <= earlier.end for seconds, _ in truth)
+    empty = sum(not any(later.start <= seconds <= earlier.end for seconds, _ in sent)
                 for earlier, later in zip(plan, plan[1:], strict=False))
-    return Score(len(truth), len(pieces), renumbered_chunks(truth, pieces), empty,
-                 agreement(truth, stitch(pieces, duration).lines), agreement(truth, relabelled))
+    return Score(len(truth), len(pieces), renumbered_chunks(sent, pieces), empty,
+                 agreement(truth, stitched_back(pieces, duration, trim_map)),
+                 agreement(truth, relabelled))
 
 
 def renumbered_chunks(truth: list[tuple[float, str]], pieces: list[tuple[Chunk, str]]) -> int:
@@ -246,8 +262,11 @@ def emulator_path(args: argparse.Namespace, work: Path, overlap: float) -> list[
     results = []
     with Emulator(api_key=API_KEY, data_dir=work / "emulator", processing_polls=0, transcript="speech",
                   speaker_split_hz=SPLIT_HZ) as emulator:
+        # test_timings=False leaves trimming at its defaults; enabled is set all the same, since the tests' own
+        # config turns it off (tests/conftest.write_config) and --trim must measure what the product does.
         daemon = DaemonProcess(work / "daemon", base_url=emulator.base_url, api_key=API_KEY, test_timings=False,
-                               prompts={"chunk_seconds": args.chunk_seconds, "requests_per_minute": 60})
+                               prompts={"chunk_seconds": args.chunk_seconds, "requests_per_minute": 60},
+                               trimming={"enabled": True})
         daemon.start()
         try:
             for recording in recordings:
@@ -259,15 +278,17 @@ def emulator_path(args: argparse.Namespace, work: Path, overlap: float) -> list[
             rows = {Path(source).name: (rid, duration, converted) for rid, source, duration, converted in query(
                 daemon, "SELECT id, source_path, duration_seconds, converted_path FROM recordings")}
             for recording in recordings:
-                results.append(_one_recording(daemon, emulator, speech, recording, rows, args, overlap))
+                for trim in TRIM_MODES[args.trim]:
+                    results.append(_one_recording(daemon, emulator, speech, recording, rows, args, overlap, trim))
         finally:
             daemon.stop()
     return results
 
 
 def _one_recording(daemon: DaemonProcess, emulator: Any, speech: Any, recording: dict[str, Any],
-                   rows: dict[str, tuple], args: argparse.Namespace, overlap: float) -> dict[str, Any]:
-    """Ask for the recording's transcript, wait for it, and score it against the utterances placed."""
+                   rows: dict[str, tuple], args: argparse.Namespace, overlap: float, trim: str) -> dict[str, Any]:
+    """Ask for the recording's transcript (trim "on": with long silences cut, the daemon's default; "off":
+    without), wait for it, and score it against the utterances placed."""
     rid, duration, converted = rows[recording["path"].name]
     assert daemon.process is not None
     pid = daemon.process.pid
@@ -275,20 +296,24 @@ def _one_recording(daemon: DaemonProcess, emulator: Any, speech: Any, recording:
     daemon_cpu = sum(cpu_seconds(pid))
     began = time.monotonic()
     before = len(emulator.generate_requests)
-    result = run_cli(daemon.config_path, "ask", str(rid), "--template", "transcribe", "--no-trim", "--json",
-                     env=daemon.env)
+    result = run_cli(daemon.config_path, "ask", str(rid), "--template", "transcribe",
+                     "--trim" if trim == "on" else "--no-trim", "--json", env=daemon.env)
     if result.returncode:
         raise RuntimeError(f"audiodrop ask exited {result.returncode}: {result.stderr.strip()}")
     prompt_id = max(pid for (pid,) in query(daemon, "SELECT id FROM prompts"))
     wait_until(lambda: query(daemon, "SELECT state FROM prompts WHERE id = ?", prompt_id)[0][0] in ("done", "failed")
                or daemon.exited(), 600, 0.3, "the transcript")
-    state, result_path, result_text, error = query(
-        daemon, "SELECT state, result_path, result_text, error FROM prompts WHERE id = ?", prompt_id)[0]
+    state, result_path, result_text, error, stored_map = query(
+        daemon, "SELECT state, result_path, result_text, error, trim_map FROM prompts WHERE id = ?", prompt_id)[0]
     wall = time.monotonic() - began
     other = load.other_cores(sum(cpu_seconds(pid)) - daemon_cpu)  # the emulator runs in this process
     if state != "done":
         raise RuntimeError(f"prompt {prompt_id} {state}: {error}\n{daemon.log()[-4000:]}")
-    plan = plan_chunks(duration, chunk_seconds=args.chunk_seconds, overlap_seconds=overlap)
+    # With trimming the chunks, and the raw answers' stamps, lie on the trimmed timeline; no stored map: the
+    # daemon found too little silence to cut and sent the recording whole.
+    trim_map = TrimMap.from_json(stored_map) if stored_map else None
+    sent = trim_map.trimmed_duration if trim_map else duration
+    plan = plan_chunks(sent, chunk_seconds=args.chunk_seconds, overlap_seconds=overlap)
     answers: dict[int, str] = {}
     tails = 0
     for record in emulator.generate_requests[before:]:
@@ -301,12 +326,16 @@ def _one_recording(daemon: DaemonProcess, emulator: Any, speech: Any, recording:
     result_file = Path(result_path) if result_path else None
     shown = result_file.read_text() if result_file and result_file.exists() else result_text
     truth = truth_of(recording["said"])
-    figures = score(truth, pieces, duration, relabelled=parse_transcript(shown))
-    replay = stitch(relabel_chunks(pieces), duration).text.strip() == (result_text or "").strip()
+    figures = score(truth, pieces, sent, relabelled=parse_transcript(shown), trim_map=trim_map)
+    replayed = stitch(relabel_chunks(pieces), sent).text
+    if trim_map is not None:
+        replayed = map_timestamps(replayed, trim_map).text
+    replay = replayed.strip() == (result_text or "").strip()
     copy = Path(converted) if converted and Path(converted).exists() else recording["path"]
     heard = [Line(segment.start, segment.cluster, segment.text, "")
              for segment in speech.analyse_file(copy, split_hz=SPLIT_HZ)]
-    return {"name": recording["path"].name, "score": figures, "result_lines": sum(
+    return {"name": recording["path"].name, "trim": trim if trim == "off" or trim_map else "on (no cut)",
+            "sent": sent, "score": figures, "result_lines": sum(
         1 for line in parse_transcript(shown) if line.seconds is not None and line.speaker),
             "uncut": agreement(truth, heard), "replay": replay and not tails, "tails": tails,
             "wall": wall, "other": other, "chunk_seconds": plan[0].seconds if plan else 0.0}
@@ -358,31 +387,57 @@ def pct(value: float) -> str:
     return f"{100 * value:.1f} %"
 
 
-def report_emulator(results: list[dict[str, Any]], args: argparse.Namespace, overlap: float) -> tuple[float, float]:
+def clock(seconds: float) -> str:
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes}:{rest:02d}"
+
+
+def report_emulator(results: list[dict[str, Any]], args: argparse.Namespace, overlap: float
+                    ) -> dict[str, dict[str, float]]:
+    """The table, one row per recording and run; returns per run ("off", "on") the totals over its recordings."""
     rows = []
     for item in results:
         figures: Score = item["score"]
-        rows.append([item["name"], figures.lines, item["result_lines"], figures.chunks, figures.chunks - 1,
-                     figures.empty, figures.renumbered, pct(figures.without), pct(figures.with_), pct(item["uncut"]),
+        rows.append([item["name"], item["trim"], clock(item["sent"]), figures.lines, item["result_lines"],
+                     figures.chunks, figures.chunks - 1, figures.empty, figures.renumbered, pct(figures.without),
+                     pct(figures.with_), pct(item["uncut"]),
                      "yes" if item["replay"] else f"no ({item['tails']} tails)", f"{item['wall']:.0f}",
                      f"{item['other']:.2f}"])
-    lines = sum(item["score"].lines for item in results)
-    without = sum(item["score"].without * item["score"].lines for item in results) / max(1, lines)
-    with_ = sum(item["score"].with_ * item["score"].lines for item in results) / max(1, lines)
-    uncut = sum(item["uncut"] * item["score"].lines for item in results) / max(1, lines)
-    if len(results) > 1:
-        rows.append(["all", lines, sum(item["result_lines"] for item in results),
-                     sum(item["score"].chunks for item in results),
-                     sum(item["score"].chunks - 1 for item in results),
-                     sum(item["score"].empty for item in results), sum(item["score"].renumbered for item in results), pct(without), pct(with_), pct(uncut), "", "",
-                     ""])
-    chunk = results[0]["chunk_seconds"] if results else 0.0
+    totals: dict[str, dict[str, float]] = {}
+    for trim in TRIM_MODES[args.trim]:
+        runs = [item for item in results if item["trim"].startswith(trim)]
+        if not runs:
+            continue
+        lines = sum(item["score"].lines for item in runs)
+
+        def weighted(value: Callable[[dict[str, Any]], float], runs: list[dict[str, Any]] = runs,
+                     lines: int = lines) -> float:
+            return sum(value(item) * item["score"].lines for item in runs) / max(1, lines)
+
+        total = {"without": weighted(lambda item: item["score"].without),
+                 "with": weighted(lambda item: item["score"].with_),
+                 "borders": float(sum(item["score"].chunks - 1 for item in runs)),
+                 "empty": float(sum(item["score"].empty for item in runs)),
+                 "sent": sum(item["sent"] for item in runs)}
+        totals[trim] = total
+        if len(runs) > 1:
+            rows.append(["all", trim, clock(total["sent"]), lines, sum(item["result_lines"] for item in runs),
+                         sum(item["score"].chunks for item in runs), int(total["borders"]), int(total["empty"]),
+                         sum(item["score"].renumbered for item in runs), pct(total["without"]), pct(total["with"]),
+                         pct(weighted(lambda item: item["uncut"])), "", f"{sum(item['wall'] for item in runs):.0f}",
+                         ""])
+    sizes: dict[str, list[float]] = {}  # chunk lengths per run (trimmed: per recording, as its audio is shorter)
+    for item in results:
+        sizes.setdefault(item["trim"][:3].strip(), []).append(item["chunk_seconds"])
+    chunk = " / ".join(f"{min(values):.0f}" + (f"-{max(values):.0f}" if round(max(values)) > round(min(values))
+                                                else "") + f" s {trim}" for trim, values in sizes.items())
     print_table(f"emulator path: 2 voices (en-us -p 20 / -p 80, split at {SPLIT_HZ:g} Hz), {args.minutes:g} min "
-                f"each, chunk_seconds {args.chunk_seconds:g} (chunks of {chunk:.0f} s), overlap {overlap:g} s",
-                ["recording", "utterances", "result lines", "chunks", "borders", "empty overlaps", "renumbered",
-                 "without relabel",
-                 "with relabel", "pitch, uncut", "replay = result", "wall s", "other load"], rows)
-    return without, with_
+                f"each, chunk_seconds {args.chunk_seconds:g} (chunks of {chunk}), overlap {overlap:g} s; "
+                "trim on: the daemon's default trimming (chunks, overlaps and audio sent on the trimmed timeline)",
+                ["recording", "trim", "audio sent", "utterances", "result lines", "chunks", "borders",
+                 "empty overlaps", "renumbered", "without relabel", "with relabel", "pitch, uncut", "replay = result",
+                 "wall s", "other load"], rows)
+    return totals
 
 
 def report_synthetic(rows: list[dict[str, Any]], args: argparse.Namespace, overlap: float) -> dict[str, float]:
@@ -418,11 +473,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--seeds", type=int, default=50, help="synthetic path: runs per row")
     parser.add_argument("--long-pauses", type=float, default=LONG_PAUSE,
                         help="share of utterances followed by a silence of 6-18 s")
+    parser.add_argument("--trim", choices=list(TRIM_MODES), default="both",
+                        help="emulator path: transcribe with the daemon's trimming on (its default), off, or both")
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)
     options = ["--minutes", f"{args.minutes:g}", "--chunk-seconds", f"{args.chunk_seconds:g}", "--recordings",
-               str(args.recordings), "--seeds", str(args.seeds), "--long-pauses", f"{args.long_pauses:g}", "--seed",
-               str(args.seed)]
+               str(args.recordings), "--seeds", str(args.seeds), "--long-pauses", f"{args.long_pauses:g}", "--trim",
+               args.trim, "--seed", str(args.seed)]
     header(f"speakers: labels across chunk borders, {args.minutes:g} min conversations in "
            f"{args.chunk_seconds:g} s chunks", MODULE, options)
     overlap = PromptSettings().chunk_overlap_seconds
@@ -441,11 +498,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             results = emulator_path(args, work, overlap)
         finally:
             shutil.rmtree(work, ignore_errors=True)
-        without, with_ = report_emulator(results, args, overlap)
-        borders = sum(item["score"].chunks - 1 for item in results)
-        summary.update({"emulator_without": without, "emulator_with": with_, "emulator_borders": float(borders)})
-        emulator_text = (f"emulator 2 voices {pct(with_)} with relabeling vs {pct(without)} without "
-                         f"({borders} borders)")
+        totals = report_emulator(results, args, overlap)
+        parts = []
+        for trim, total in totals.items():
+            prefix = "emulator_" if trim == "off" else "emulator_trimmed_"
+            summary.update({f"{prefix}without": total["without"], f"{prefix}with": total["with"],
+                            f"{prefix}borders": total["borders"], f"{prefix}empty": total["empty"]})
+            parts.append(f"{'trimmed' if trim == 'on' else 'untrimmed'} {pct(total['with'])} with relabeling vs "
+                         f"{pct(total['without'])} without ({total['borders']:.0f} borders, {total['empty']:.0f} "
+                         "with an empty overlap)")
+        emulator_text = "emulator 2 voices: " + "; ".join(parts)
     renumbering = [row for row in synthetic if row["model"].startswith("renumbers")]
     synthetic_text = ", ".join(
         f"{row['voices']} voices min {pct(min(s.with_ for s in row['scores']))} mean "

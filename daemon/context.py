@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.clock import Clock, SystemClock
 from daemon.config import Settings
-from daemon.gemini import GeminiClient
+from daemon.gemini import ApiClient
 from daemon.policy import Action, Decision
 
 # A storage-quota refusal that files.list cannot explain waits (gemini.storage_retry_seconds), doubling each time
@@ -130,7 +130,7 @@ class ApiPauses:
 class Context:
     settings: Settings
     sessions: sessionmaker[Session]
-    client: GeminiClient | None
+    client: ApiClient | None
     clock: Clock = field(default_factory=SystemClock)
     pauses: ApiPauses = field(default_factory=ApiPauses)
     instance_id: str = ""

@@ -493,12 +493,16 @@ def test_chunked_and_spanned_transcripts_of_a_trimmed_recording_keep_the_recordi
             chunked = daemon.cli("ask", str(item["id"]), "--template", "transcribe", "--wait", "--timeout", "90",
                                  "--json")
             span_from = starts[1] - 5
+            span_args = ("--from", f"{span_from:.0f}s", "--to", f"{starts[3] + 6:.0f}s")
+            dry = daemon.cli("ask", str(item["id"]), "--template", "transcribe", *span_args, "--dry-run", "--json")
             spanned = daemon.cli("ask", str(item["id"]), "--template", "transcribe", "--from", f"{span_from:.0f}s",
                                  "--to", f"{starts[3] + 6:.0f}s", "--wait", "--timeout", "90", "--json")
         finally:
             daemon.stop()
     assert chunked["state"] == "done" and chunked["delivery"] == "chunks" and chunked["chunks"] == 2
     assert spanned["state"] == "done" and spanned["delivery"] == "span"
+    # The span is trimmed within itself: its 20 s and 25 s silences (less what stays) are not counted.
+    assert dry["estimated_audio_tokens"] - dry["trimmed_audio_tokens"] > 32 * 25
     # The emulator stamps each stretch of speech it hears (a sentence may be two), rounded down to the second, in
     # a piece that starts at a cut: the pause and the pad (0.8 s) before the speech plus that second are allowed.
     for result, sentences in ((chunked, recording.speech), (spanned, recording.speech[1:])):

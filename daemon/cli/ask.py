@@ -170,8 +170,8 @@ def _trimmed_estimate(settings: Settings, request: Any, recordings: list[Recordi
     from daemon.prompts import answer as prompt_answer
     from daemon.prompts.queue import estimate_audio_tokens
 
-    if not request.trim or len(recordings) != 1 or request.span is not None:
-        return {"trimming": "off"}
+    if not request.trim or len(recordings) != 1 or request.batch:
+        return {"trimming": "off" if not request.batch else "off: the batch lane sends recordings whole"}
     recording = recordings[0]
     if not recording.converted_path or not Path(recording.converted_path).is_file() or not recording.duration_seconds:
         return {"trimming": "on; the recording is not converted yet, so what it saves is not known"}
@@ -179,9 +179,12 @@ def _trimmed_estimate(settings: Settings, request: Any, recordings: list[Recordi
     if trim_map is None:
         return {"trimming": "on; too little silence to cut: the whole recording is sent",
                 "trimmed_audio_tokens": estimate}
+    start, end = request.span or (0.0, recording.duration_seconds)
+    sent = prompt_answer.window(trim_map, trim_map.to_trimmed(start),
+                                trim_map.to_trimmed(min(end, recording.duration_seconds))).trimmed_duration
     # estimated_audio_tokens stays the untrimmed count: the two side by side show what trimming saves.
-    return {"trimming": f"on; {trim_map.saved_seconds:.0f} s of silence cut",
-            "trimmed_audio_tokens": estimate_audio_tokens(trim_map.trimmed_duration)}
+    return {"trimming": f"on; {(min(end, recording.duration_seconds) - start) - sent:.0f} s of silence cut",
+            "trimmed_audio_tokens": estimate_audio_tokens(sent)}
 
 
 def wait_for_prompt(settings: Settings, prompt_id: int, timeout: float | None) -> Prompt:
