@@ -16,8 +16,19 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import API_KEY, PYTHON, ROOT, Daemon, HostLoad, cpu_seconds, header, median, percentile
-from bench.common import memory_mib, print_table
+from bench.common import (
+    API_KEY,
+    PYTHON,
+    ROOT,
+    Daemon,
+    HostLoad,
+    cpu_seconds,
+    header,
+    median,
+    memory_mib,
+    percentile,
+    print_table,
+)
 from bench.idle_footprint import make_tiny_files
 
 MODULE = "bench.burst_drain"

@@ -44,8 +44,19 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from bench.common import API_KEY, ESPEAK, PYTHON, ROOT, SPEECH_TEXT, Daemon, StateDb, ffmpeg, header, print_table
-from bench.common import wait_until
+from bench.common import (
+    API_KEY,
+    ESPEAK,
+    PYTHON,
+    ROOT,
+    SPEECH_TEXT,
+    Daemon,
+    StateDb,
+    ffmpeg,
+    header,
+    print_table,
+    wait_until,
+)
 from daemon.pipeline.transcode import dying_with_parent
 from tests.harness import DaemonProcess
 

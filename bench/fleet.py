@@ -37,8 +37,18 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from bench.common import API_KEY, PYTHON, ROOT, HostLoad, cpu_seconds, ffmpeg, header, memory_mib, print_table
-from bench.common import wait_until
+from bench.common import (
+    API_KEY,
+    PYTHON,
+    ROOT,
+    HostLoad,
+    cpu_seconds,
+    ffmpeg,
+    header,
+    memory_mib,
+    print_table,
+    wait_until,
+)
 from daemon.pipeline.transcode import dying_with_parent
 from tests.harness import DaemonProcess
 

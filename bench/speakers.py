@@ -52,8 +52,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.common import (API_KEY, ESPEAK, SPEECH_TEXT, HostLoad, cpu_seconds, header, percentile, print_table,
-                          wait_until)
+from bench.common import (
+    API_KEY,
+    ESPEAK,
+    SPEECH_TEXT,
+    HostLoad,
+    cpu_seconds,
+    header,
+    percentile,
+    print_table,
+    wait_until,
+)
 from daemon.config import PromptSettings
 from daemon.prompts.chunking import Chunk, Line, parse_transcript, plan_chunks, stitch
 from daemon.prompts.speakers import AGREEMENT_TOLERANCE_SECONDS, agreement, on_timeline, relabel_chunks

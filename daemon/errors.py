@@ -2,6 +2,7 @@
 
     DaemonError                 .title + .hint; str() is "title. hint"
     ├── ConfigError             fatal at start; lists every problem with the file and key
+    ├── AlreadyRunning          another daemon holds this state_dir's lock
     ├── DatabaseError           the database cannot be used (corrupt, unreachable, a schema newer than the code)
     ├── TransientError          retried automatically with backoff (network, 429/5xx, timeouts, busy tools)
     │   ├── OfflineError        the API cannot be reached at all
@@ -14,9 +15,20 @@
         ├── TranscodeError      ffmpeg failed on an input it could probe
         ├── UnsupportedFormat   the API refused the MIME type of the converted file
         └── IllegalTransition   a bug: a state change the lifecycle does not allow
+
+Signals, not failures (each is caught by the code that raises it, or by its caller):
+
+    QueueError (ValueError)     a prompt that cannot be queued; the CLI prints it as a usage error
+    NoTimestamps (ValueError)   subtitles asked of a result without [00:01:23] stamps
+    NotReady                    a prompt's files are not usable yet: it waits in the queue
+    Waiting                     a prompt may not send now (rate limit, budget): it waits until `at`
+    Truncated                   the model's answer stopped early: retried bigger, then split
+    SourceChanged               the file at a source path is not exactly the one the daemon took: left alone
 """
 
 from __future__ import annotations
+
+from datetime import datetime
 
 
 class DaemonError(Exception):
@@ -95,3 +107,41 @@ class IllegalTransition(PermanentError):
 
     def __init__(self, current: str, target: str) -> None:
         super().__init__(f"illegal state change {current} -> {target}")
+
+
+class AlreadyRunning(DaemonError):
+    """Another daemon holds this state_dir's lock."""
+
+
+class QueueError(ValueError):
+    """A prompt that cannot be queued; the message says why."""
+
+
+class NoTimestamps(ValueError):
+    """Subtitles were asked of a result whose lines carry no timestamps."""
+
+
+class NotReady(Exception):
+    """The prompt's files are not usable yet; it waits in the queue (woken when they are)."""
+
+
+class Waiting(Exception):
+    """The prompt may not send now (a rate limit, the budget); it waits in the queue until `at` (None: until
+    something changes, e.g. the budget is raised or ask --force)."""
+
+    def __init__(self, message: str, at: datetime | None, kind: str) -> None:
+        super().__init__(message)
+        self.at = at
+        self.kind = kind
+
+
+class Truncated(Exception):
+    """The model's answer stopped early (finish reason not STOP, or empty)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class SourceChanged(Exception):
+    """The file at the source path is not (or no longer) exactly the one taken."""

@@ -30,7 +30,7 @@ from daemon.config import Settings, find_api_key, load_settings
 from daemon.context import Context
 from daemon.engine import Engine as WorkEngine
 from daemon.engine import Kind, SweepKind
-from daemon.errors import ConfigError, DaemonError, DatabaseError
+from daemon.errors import AlreadyRunning, ConfigError, DatabaseError
 from daemon.gemini import GeminiClient
 from daemon.pipeline import intake, lifecycle, remote, transcode
 from daemon.pipeline.conversion import ConvertKind
@@ -61,10 +61,6 @@ DEFAULT_STOP_TIMEOUT_SECONDS = 30.0
 STOP_MARGIN_SECONDS = 5.0
 INTAKE_BATCH_SECONDS = 0.02
 CLOCK_SKEW_WARNING_SECONDS = 5.0
-
-
-class AlreadyRunning(DaemonError):
-    pass
 
 
 def acquire_lock(path: Path) -> IO[str]:

@@ -9,9 +9,9 @@ import sqlite3
 import subprocess
 import sys
 import time
-from datetime import UTC, datetime
 from collections.abc import Callable
 from contextlib import closing
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 

@@ -8,8 +8,17 @@ from pathlib import Path
 
 import pytest
 
-from daemon.config import (ConversionSettings, GeminiSettings, IntakeSettings, PromptSettings, Settings, Watch,
-                           load_settings, reference_markdown, schema_keys)
+from daemon.config import (
+    ConversionSettings,
+    GeminiSettings,
+    IntakeSettings,
+    PromptSettings,
+    Settings,
+    Watch,
+    load_settings,
+    reference_markdown,
+    schema_keys,
+)
 from daemon.errors import ConfigError
 from daemon.pipeline.transcode import FORMATS
 

@@ -16,8 +16,8 @@ import pytest
 from alembic import command
 
 from daemon.cli import doctor
-from daemon.pipeline import watcher
 from daemon.config import Settings, load_settings
+from daemon.pipeline import watcher
 from db.session import alembic_config, head_revision, make_engine, schema_revision, upgrade_to_head
 from tests.conftest import write_config
 from tests.emulator import Emulator

@@ -13,10 +13,10 @@ import pytest
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from daemon.pipeline import lifecycle, remote
-from daemon.prompts import lifecycle as prompt_lifecycle
 from daemon.clock import SystemClock
 from daemon.engine import Claim, Engine
+from daemon.pipeline import lifecycle, remote
+from daemon.prompts import lifecycle as prompt_lifecycle
 from db.models import Prompt, Recording, RecordingEvent
 from db.session import session_scope
 from db.states import PromptState as P

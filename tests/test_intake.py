@@ -11,8 +11,8 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from daemon.pipeline import intake
 from daemon.config import IntakeSettings, Settings
+from daemon.pipeline import intake
 from db.models import Recording
 from tests.conftest import T0
 
@@ -161,8 +161,8 @@ def test_one_name_that_is_not_utf8_fails_alone_and_the_rest_is_taken(
 
 
 def test_a_merge_never_drops_a_recording_that_has_its_own_content(sessions: sessionmaker[Session]) -> None:
-    from daemon.pipeline import lifecycle
     from daemon.errors import IllegalTransition
+    from daemon.pipeline import lifecycle
 
     with sessions() as session:
         original = lifecycle.discover(session, path="/in/a.wav", size=1, mtime_ns=1, watch_root="/in",

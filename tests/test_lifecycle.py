@@ -6,9 +6,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
-from daemon.pipeline import lifecycle
 from daemon.errors import IllegalTransition
-from daemon.pipeline.lifecycle import TRANSITIONS, RecordingState as S
+from daemon.pipeline import lifecycle
+from daemon.pipeline.lifecycle import TRANSITIONS
+from daemon.pipeline.lifecycle import RecordingState as S
 from db.models import Recording, SourceAlias
 from tests.conftest import T0
 

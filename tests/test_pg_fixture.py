@@ -25,7 +25,6 @@ from sqlalchemy.exc import OperationalError  # noqa: E402
 from tests.netproxy import TcpProxy  # noqa: E402
 from tests.pg import PostgresServer, process_alive, sweep_stale_clusters, unavailable_reason  # noqa: E402
 
-
 ROOT = Path(__file__).resolve().parent.parent
 
 

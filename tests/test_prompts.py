@@ -6,23 +6,23 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from daemon.config import Settings
+from daemon.context import Context
+from daemon.errors import QueueError, TransientError
+from daemon.gemini import Generation
 from daemon.pipeline import lifecycle
 from daemon.prompts import chunking
 from daemon.prompts import lifecycle as prompt_lifecycle
 from daemon.prompts import runner as prompt_runner
-from daemon.config import Settings
-from daemon.context import Context
-from daemon.errors import TransientError
-from daemon.gemini import Generation
-from daemon.prompts.queue import QueueError, enqueue, enqueue_watch_prompts, estimate_audio_tokens, request_for
+from daemon.prompts.queue import enqueue, enqueue_watch_prompts, estimate_audio_tokens, request_for
 from db.models import Prompt, PromptRecording, Recording
 from tests import media
 from tests.conftest import T0

@@ -13,10 +13,10 @@ from google.genai import types
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from daemon.pipeline import lifecycle, remote
 from daemon.config import Settings
 from daemon.context import Context
 from daemon.gemini import GeminiClient, display_name_for
+from daemon.pipeline import lifecycle, remote
 from daemon.pipeline.lifecycle import RecordingState as S
 from db import queries
 from db.models import DaemonState, Recording

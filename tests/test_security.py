@@ -13,9 +13,9 @@ import sqlite3
 import subprocess
 from contextlib import closing
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
-from urllib.parse import quote
 
 from tests import media
 from tests.conftest import write_config

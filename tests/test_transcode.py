@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon.pipeline import transcode
 from daemon.errors import RejectedInput, TranscodeError, TransientError
+from daemon.pipeline import transcode
 from daemon.pipeline.transcode import FORMATS, convert, cut, probe
 from tests import media
 

@@ -24,7 +24,7 @@ from daemon.cli.views import (
     render_result,
 )
 from daemon.config import Settings
-from daemon.errors import DaemonError
+from daemon.errors import DaemonError, QueueError
 from db.models import Prompt, Recording
 from db.states import PromptState
 
@@ -75,7 +75,7 @@ def ask(config_path: str | None, as_json: bool, recording_ids: tuple[int, ...], 
                                            model=model, span=span, trim=trim, batch=batch, force_budget=force,
                                            speakers=tuple(name.strip() for name in (speakers or "").split(",")
                                                           if name.strip()))
-    except prompt_queue.QueueError as err:
+    except QueueError as err:
         fail(str(err))
         return
     if dry_run:
@@ -90,7 +90,7 @@ def ask(config_path: str | None, as_json: bool, recording_ids: tuple[int, ...], 
     with session:
         try:
             queued = prompt_queue.enqueue(session, request, now=datetime.now(UTC), reason="queued by audiodrop ask")
-        except prompt_queue.QueueError as err:
+        except QueueError as err:
             fail(str(err))
             return
         session.commit()
@@ -113,10 +113,10 @@ def dry_run_report(settings: Settings, request: Any) -> dict[str, Any]:
     """The estimate, and the API's countTokens answer when the recordings are live and a key is at hand. Reads
     the database read-only; ffmpeg and countTokens run with no transaction open."""
     from daemon.config import find_api_key
+    from daemon.errors import NotReady
     from daemon.prompts import answer as prompt_answer
     from daemon.prompts import pricing
     from daemon.prompts import queue as prompt_queue
-    from daemon.prompts.generation import NotReady
 
     session = open_session(settings)
     if session is None:
@@ -125,7 +125,7 @@ def dry_run_report(settings: Settings, request: Any) -> dict[str, Any]:
     with session:
         try:
             estimate = prompt_queue.check(session, request)
-        except prompt_queue.QueueError as err:
+        except QueueError as err:
             fail(str(err))
         recordings = [session.get(Recording, rid) for rid in request.recording_ids]
         session.expunge_all()

@@ -43,11 +43,11 @@ from daemon.cli.views import prompt_json, recording_json
 from daemon.clock import Clock, SystemClock
 from daemon.config import Settings, find_api_key
 from daemon.context import Context
-from daemon.errors import DaemonError
+from daemon.errors import AlreadyRunning, DaemonError, QueueError
 from daemon.gemini import GeminiClient
 from daemon.pipeline import intake, lifecycle, transcode
 from daemon.prompts import queue as prompt_queue
-from daemon.service import AlreadyRunning, acquire_lock, build_engine, ensure_instance_id, open_state
+from daemon.service import acquire_lock, build_engine, ensure_instance_id, open_state
 from db.models import Node, Prompt, PromptRecording, Recording, SourceAlias
 from db.session import is_fleet, make_sessionmaker, open_engine, session_scope
 from db.states import PromptState as P
@@ -279,7 +279,7 @@ class Follower:
                 try:
                     item.prompt_ids.append(prompt_queue.enqueue(session, request, now=self.now(),
                                                                 reason="queued by audiodrop process").id)
-                except prompt_queue.QueueError as err:
+                except QueueError as err:
                     item.error = f"{item.path.name}: {err}"
         self.prompts.update(item.prompt_ids)
         if item.prompt_ids:
@@ -505,7 +505,7 @@ def main(settings: Settings, args: list[str], *, templates: list[str], prompt_te
     for template, text in specs:
         try:
             prompt_queue.request_for(settings, [0], template=template, prompt_text=text)
-        except prompt_queue.QueueError as err:
+        except QueueError as err:
             raise click.UsageError(str(err)) from None
     logs.setup("DEBUG" if settings.log_level == "DEBUG" else "ERROR")  # the report says what happens
     report = Report("quiet" if as_json else "bars" if sys.stderr.isatty() else "lines")

@@ -15,7 +15,7 @@ import click
 from sqlalchemy import ColumnElement, Select, or_, select
 
 from daemon.clock import iso as iso  # re-exported: the CLI modules take it from here
-from daemon.prompts.subtitles import NoTimestamps as NoTimestamps  # re-exported for the CLI
+from daemon.errors import NoTimestamps as NoTimestamps  # re-exported for the CLI
 from db.models import Prompt, PromptRecording, Recording
 from db.states import PromptState, RecordingState
 

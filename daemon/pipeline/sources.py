@@ -35,6 +35,7 @@ from daemon import profiles
 from daemon.config import Settings, inside_folder
 from daemon.context import Context, ContextKind
 from daemon.engine import Claim, SweepKind
+from daemon.errors import SourceChanged
 from daemon.pipeline import lifecycle
 from db.models import AudioCopy, Prompt, PromptRecording, Recording
 from db.session import rowcount, session_scope
@@ -69,10 +70,6 @@ CLASH_ATTEMPTS = 5
 MOVE_TEMPORARY = ".audiodrop-move-{id}"  # hidden: intake never takes it
 DELETE_TEMPORARY = ".audiodrop-delete-{id}"
 HASH_BLOCK = 1024 * 1024
-
-
-class Changed(Exception):
-    """The file at the source path is not (or no longer) exactly the one taken."""
 
 
 @dataclass(frozen=True)
@@ -338,7 +335,7 @@ def _move(ctx: Context, taken: Taken, token: int) -> Outcome | None:
             if here:  # copied across file systems, and the original not yet removed when the daemon stopped
                 try:
                     _remove(source, taken)
-                except (OSError, Changed) as err:
+                except (OSError, SourceChanged) as err:
                     return Outcome(Step.KEPT, f"source: copied {source} to {destination}, but the original could "
                                               f"not be removed ({_why(err)}); both are kept", destination)
             return Outcome(Step.MOVED, f"source: moved {source} to {destination}", destination)
@@ -359,7 +356,7 @@ def _move(ctx: Context, taken: Taken, token: int) -> Outcome | None:
             _transfer(source, destination, taken)
         except FileExistsError:
             continue  # taken at the last moment: the loop picks another name
-        except Changed as err:
+        except SourceChanged as err:
             return Outcome(Step.KEPT, f"source: {source} {err}; left alone, not moved")
         except OSError as err:
             return Outcome(Step.KEPT, f"source: {source} could not be moved to {destination.parent} ({_why(err)}); "
@@ -373,7 +370,7 @@ def _delete(taken: Taken) -> Outcome:
     try:
         if _remove(source, taken):
             return Outcome(Step.DELETED, f"source: deleted {source}")
-    except Changed as err:
+    except SourceChanged as err:
         return Outcome(Step.KEPT, f"source: {source} {err}; left alone, not deleted")
     except OSError as err:
         return Outcome(Step.KEPT, f"source: {source} could not be deleted ({_why(err)}); the source is kept")
@@ -399,7 +396,7 @@ def _transfer(source: Path, destination: Path, taken: Taken) -> None:
         except OSError:
             log.error("%s: a file that is not recording %d's was moved here from %s by mistake and could not be "
                       "put back", destination, taken.recording_id, source)
-        raise Changed("was replaced at the moment it was to be moved")
+        raise SourceChanged("was replaced at the moment it was to be moved")
 
 
 def _copy_across(source: Path, destination: Path, taken: Taken) -> None:
@@ -410,7 +407,7 @@ def _copy_across(source: Path, destination: Path, taken: Taken) -> None:
     descriptor = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         if not _matches(os.fstat(descriptor), taken):
-            raise Changed("changed since it was taken")
+            raise SourceChanged("changed since it was taken")
         with open(descriptor, "rb", closefd=False) as stream, open(temporary, "xb") as copy:
             shutil.copyfileobj(stream, copy, HASH_BLOCK)
             copy.flush()
@@ -418,7 +415,7 @@ def _copy_across(source: Path, destination: Path, taken: Taken) -> None:
         info = os.fstat(descriptor)
         if not _matches(info, taken):
             temporary.unlink(missing_ok=True)
-            raise Changed("changed while it was copied")
+            raise SourceChanged("changed while it was copied")
         os.chmod(temporary, stat.S_IMODE(info.st_mode))
         os.utime(temporary, ns=(info.st_atime_ns, info.st_mtime_ns))
     finally:
@@ -440,7 +437,7 @@ def _remove(source: Path, taken: Taken) -> bool:
         rename_noreplace(source, trash)
         if not _identical(trash, taken):
             rename_noreplace(trash, source)
-            raise Changed("was replaced at the moment it was to be deleted")
+            raise SourceChanged("was replaced at the moment it was to be deleted")
     trash.unlink()
     _sync_folder(source.parent)
     return True

@@ -27,11 +27,11 @@ from sqlalchemy.exc import IntegrityError
 
 from daemon.config import Settings
 from daemon.context import Context
-from daemon.errors import PermanentError
+from daemon.errors import NotReady, PermanentError, Truncated
 from daemon.gemini import FilePart, Generation, InlinePart
 from daemon.pipeline import copies, lifecycle, transcode
 from daemon.prompts import chunking, speakers, trimming
-from daemon.prompts.generation import Job, NotReady, RateLimiter, Truncated, generate
+from daemon.prompts.generation import Job, RateLimiter, generate
 from daemon.prompts.queue import planned_delivery
 from db.models import Prompt, PromptPart, PromptRecording, Recording
 from db.session import session_scope

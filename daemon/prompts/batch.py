@@ -39,7 +39,7 @@ from daemon import policy
 from daemon.clock import iso
 from daemon.context import Context
 from daemon.engine import Claim
-from daemon.errors import PermanentError, TransientError
+from daemon.errors import PermanentError, TransientError, Waiting
 from daemon.gemini import BatchAnswer, BatchJob, BatchRequest, FilePart, display_prefix
 from daemon.pipeline import lifecycle
 from daemon.policy import Action
@@ -50,7 +50,6 @@ from daemon.prompts.answer import _with_names
 from daemon.prompts.generation import (
     SENT,
     Job,
-    Waiting,
     give_back,
     output_budget,
     record,

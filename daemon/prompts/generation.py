@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.clock import Clock
 from daemon.context import Context
-from daemon.errors import PermanentError, TransientError
+from daemon.errors import PermanentError, TransientError, Truncated, Waiting
 from daemon.gemini import FilePart, Generation, InlinePart
 from daemon.prompts import pricing
 from daemon.prompts.queue import estimate_audio_tokens
@@ -35,28 +35,6 @@ log = logging.getLogger(__name__)
 # sent): a second of margin keeps a busy machine's late request out of the next window.
 RATE_WINDOW_SECONDS = 61.0
 SENT = "SENT"  # a ledger row's finish_reason while its call is under way (or was lost with its answer)
-
-
-class NotReady(Exception):
-    """The prompt's files are not usable yet; it waits in the queue (woken when they are)."""
-
-
-class Waiting(Exception):
-    """The prompt may not send now (a rate limit, the budget); it waits in the queue until `at` (None: until
-    something changes, e.g. the budget is raised or ask --force)."""
-
-    def __init__(self, message: str, at: datetime | None, kind: str) -> None:
-        super().__init__(message)
-        self.at = at
-        self.kind = kind
-
-
-class Truncated(Exception):
-    """The model's answer stopped early (finish reason not STOP, or empty)."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 @dataclass

@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session, selectinload
 
 from daemon import profiles
 from daemon.config import Settings, Template
+from daemon.errors import QueueError
 from daemon.prompts import chunking, lifecycle
 from db.models import Prompt, PromptRecording, Recording
 from db.states import PromptState as P
@@ -25,10 +26,6 @@ MAX_PROMPT_SECONDS = chunking.MAX_PROMPT_SECONDS
 
 def estimate_audio_tokens(seconds: float) -> int:
     return math.ceil(seconds * AUDIO_TOKENS_PER_SECOND)
-
-
-class QueueError(ValueError):
-    """A prompt that cannot be queued; the message says why."""
 
 
 @dataclass(frozen=True)

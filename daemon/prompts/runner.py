@@ -29,13 +29,13 @@ from daemon import notify, policy
 from daemon.clock import iso
 from daemon.context import Context, ContextKind
 from daemon.engine import Claim
-from daemon.errors import GenerationTimeout, TransientError
+from daemon.errors import GenerationTimeout, NoTimestamps, NotReady, TransientError, Truncated, Waiting
 from daemon.pipeline import lifecycle, remote
 from daemon.policy import Action
 from daemon.prompts import lifecycle as prompt_lifecycle
 from daemon.prompts import results, search, subtitles
 from daemon.prompts.answer import MIN_CHUNK_SECONDS, answer
-from daemon.prompts.generation import Job, NotReady, RateLimiter, Truncated, Waiting, output_budget
+from daemon.prompts.generation import Job, RateLimiter, output_budget
 from db.models import Prompt, PromptPart, Recording
 from db.session import rowcount, session_scope
 from db.states import PromptState as P
@@ -360,7 +360,7 @@ def _rendered(prompt_id: int, text: str, output_format: str, extra: list[str], d
         if fmt in ("srt", "vtt"):
             try:
                 files.append((fmt, subtitles.render(text, fmt, durations, prompt_id=prompt_id)))
-            except subtitles.NoTimestamps as err:
+            except NoTimestamps as err:
                 metadata["warnings"] = [*metadata.get("warnings", []), f"no {fmt} file: {err}"]
                 if not files:
                     files.append(("markdown", ""))

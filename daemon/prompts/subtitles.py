@@ -13,6 +13,7 @@ import unicodedata
 from dataclasses import dataclass
 from itertools import groupby, pairwise
 
+from daemon.errors import NoTimestamps
 from daemon.prompts.chunking import Line, parse_transcript
 
 MAX_LINE_COLUMNS = 42  # what players and broadcasters expect; a wide (CJK, emoji) character takes two columns
@@ -311,10 +312,6 @@ def _srt_escape(text: str) -> str:
 def _vtt_escape(text: str) -> str:
     """WebVTT's character references; escaping ">" also keeps "-->" out of the cue text."""
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-
-
-class NoTimestamps(ValueError):
-    """Subtitles were asked of a result whose lines carry no timestamps."""
 
 
 def render(text: str, fmt: str, durations: list[float | None], *, prompt_id: int) -> str:

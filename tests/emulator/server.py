@@ -18,8 +18,14 @@ from .batches import Batch, BatchStore
 from .caches import DEFAULT_CACHE_MIN_TOKENS, CachedContent, CacheStore
 from .faults import Fault, route_matches
 from .files import Clock, FileStore, StoredFile, file_id_from, rfc3339
-from .generate import (DEFAULT_SUPPORTED_MIME_TYPES, MAX_AUDIO_SECONDS, MAX_INPUT_TOKENS, TRANSCRIPT_STYLES,
-                       GenerateRecord, Generator)
+from .generate import (
+    DEFAULT_SUPPORTED_MIME_TYPES,
+    MAX_AUDIO_SECONDS,
+    MAX_INPUT_TOKENS,
+    TRANSCRIPT_STYLES,
+    GenerateRecord,
+    Generator,
+)
 from .handler import Server
 from .speech import DEFAULT_SPLIT_HZ
 
