@@ -30,7 +30,25 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 
-class Recording(Base):
+class Claimed:
+    """The claim of a row of work (see the module docstring): who holds it, until when, and its fencing token."""
+
+    claimed_by: Mapped[str | None] = mapped_column(String(128))
+    claimed_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    claim_token: Mapped[int] = mapped_column(default=0, server_default="0")
+
+
+class HistoryRow:
+    """One state change (or notable happening) of a recording or a prompt."""
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime)
+    from_state: Mapped[str | None] = mapped_column(String(16))
+    to_state: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str] = mapped_column(Text, default="")
+
+
+class Recording(Claimed, Base):
     """One recording, identified by the SHA-256 of its content once the file is complete."""
 
     __tablename__ = "recordings"
@@ -79,9 +97,6 @@ class Recording(Base):
     attempts: Mapped[int] = mapped_column(default=0)
     # Not before this time: a failed recording's retry, a PROCESSING file's next look.
     next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime, index=True)
-    claimed_by: Mapped[str | None] = mapped_column(String(128))
-    claimed_until: Mapped[datetime | None] = mapped_column(UTCDateTime, index=True)
-    claim_token: Mapped[int] = mapped_column(default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     state_changed_at: Mapped[datetime] = mapped_column(UTCDateTime)
     # What became of the source file once the recording was done (daemon.pipeline.sources): NULL not decided yet;
@@ -98,20 +113,16 @@ class Recording(Base):
         back_populates="recording", order_by="SourceAlias.id", cascade="all, delete-orphan"
     )
 
-    __table_args__ = (Index("ix_recordings_source", "source_path", "source_size", "source_mtime_ns"),)
+    __table_args__ = (Index("ix_recordings_source", "source_path", "source_size", "source_mtime_ns"),
+                      Index("ix_recordings_claimed_until", "claimed_until"))
 
 
-class RecordingEvent(Base):
+class RecordingEvent(HistoryRow, Base):
     """One state change (or notable happening) in a recording's history; `show` lists them."""
 
     __tablename__ = "recording_events"
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
     recording_id: Mapped[int] = mapped_column(ForeignKey("recordings.id", ondelete="CASCADE"), index=True)
-    at: Mapped[datetime] = mapped_column(UTCDateTime)
-    from_state: Mapped[str | None] = mapped_column(String(16))
-    to_state: Mapped[str] = mapped_column(String(16))
-    reason: Mapped[str] = mapped_column(Text, default="")
 
     recording: Mapped[Recording] = relationship(back_populates="events")
 
@@ -133,7 +144,7 @@ class SourceAlias(Base):
     __table_args__ = (Index("ix_source_aliases_source", "path", "size", "mtime_ns"),)
 
 
-class Prompt(Base):
+class Prompt(Claimed, Base):
     """A queued prompt over one or more recordings, and its result."""
 
     __tablename__ = "prompts"
@@ -176,9 +187,6 @@ class Prompt(Base):
     model_version: Mapped[str | None] = mapped_column(String(64))
     attempts: Mapped[int] = mapped_column(default=0)
     next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    claimed_by: Mapped[str | None] = mapped_column(String(128))
-    claimed_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    claim_token: Mapped[int] = mapped_column(default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
@@ -206,17 +214,12 @@ class Prompt(Base):
     events: Mapped[list[PromptEvent]] = relationship(order_by="PromptEvent.id", cascade="all, delete-orphan")
 
 
-class PromptEvent(Base):
-    """One state change (or notable happening) in a prompt's history; `audiodrop prompts --history` lists them."""
+class PromptEvent(HistoryRow, Base):
+    """One state change (or notable happening) in a prompt's history; `audiodrop prompts` lists them."""
 
     __tablename__ = "prompt_events"
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
     prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id", ondelete="CASCADE"), index=True)
-    at: Mapped[datetime] = mapped_column(UTCDateTime)
-    from_state: Mapped[str | None] = mapped_column(String(16))
-    to_state: Mapped[str] = mapped_column(String(16))
-    reason: Mapped[str] = mapped_column(Text, default="")
 
 
 class PromptPart(Base):
@@ -276,7 +279,7 @@ class PromptRecording(Base):
     position: Mapped[int] = mapped_column(default=0)
 
 
-class RemoteDeletion(Base):
+class RemoteDeletion(Claimed, Base):
     """A remote copy of ours that must go (evicted for quota, re-encoded, superseded, an orphan): deleted by a
     worker outside any transaction, retried until the server confirms; its bytes count in the ledger until then."""
 
@@ -289,13 +292,10 @@ class RemoteDeletion(Base):
     reason: Mapped[str] = mapped_column(Text, default="")
     attempts: Mapped[int] = mapped_column(default=0)
     next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    claimed_by: Mapped[str | None] = mapped_column(String(128))
-    claimed_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    claim_token: Mapped[int] = mapped_column(default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
-class PeriodicJob(Base):
+class PeriodicJob(Claimed, Base):
     """A periodic job (reconcile, the catch-up scan, ...) claimed under a lease like any other work, so that of
     several daemons sharing one database only one runs it at a time."""
 
@@ -306,9 +306,6 @@ class PeriodicJob(Base):
     last_started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     last_finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     last_error: Mapped[str | None] = mapped_column(Text)
-    claimed_by: Mapped[str | None] = mapped_column(String(128))
-    claimed_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    claim_token: Mapped[int] = mapped_column(default=0, server_default="0")
 
 
 class DaemonState(Base):
@@ -380,7 +377,7 @@ class RateSlot(Base):
     __table_args__ = (Index("ix_rate_slots_model_at", "model", "at"),)
 
 
-class OutboxMessage(Base):
+class OutboxMessage(Claimed, Base):
     """One notification waiting to be delivered to one target (a webhook by name, "command" or "desktop"). Written
     in the transaction of the event it announces, delivered afterwards by daemon.notify's engine work: at least
     once, with `key` as the idempotency key the receiver can drop a repeat by."""
@@ -400,8 +397,5 @@ class OutboxMessage(Base):
     delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     gave_up_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     last_error: Mapped[str | None] = mapped_column(Text)
-    claimed_by: Mapped[str | None] = mapped_column(String(128))
-    claimed_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    claim_token: Mapped[int] = mapped_column(default=0, server_default="0")
 
     __table_args__ = (UniqueConstraint("key", "target", name="uq_outbox_key_target"),)
