@@ -167,7 +167,11 @@ def check_watch(watch: Watch, settings: Settings) -> Check:
         if why_not:
             return Check(name, FAIL, f"does not exist and cannot be created: {why_not}",
                          f"create it (`sudo mkdir -p {path}`) and let the daemon's user read it")
-        state = "does not exist yet; the daemon creates it at start"
+        if settings.source is not None:
+            # As the watcher does: a configured folder that is missing may be a share not mounted yet.
+            return Check(name, WARNING, "does not exist: the daemon waits for it (it may be a share not mounted "
+                         "yet) and watches it once it appears", f"create it: `mkdir -p {path}`")
+        state = "does not exist yet; the daemon creates it at start (the default drop folder)"
     kind = filesystem_type(Path(os.path.abspath(path))) or "unknown filesystem"
     if not should_poll(watch):
         if kind in NETWORK_FILESYSTEMS or kind.startswith("fuse"):  # poll = false on a network mount
