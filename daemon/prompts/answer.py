@@ -85,7 +85,7 @@ def answer(ctx: Context, job: Job, limiter: RateLimiter) -> tuple[str, dict[str,
         parts: list[FilePart | InlinePart | str] = [FilePart(r.remote_uri or "", r.converted_mime or "")
                                                     for r in _ready_remote(ctx, job)]
         seconds = sum(r.duration_seconds or 0 for r in recordings)
-        generation = generate(ctx, job, [*parts], limiter, audio_seconds=seconds, text=_with_names(prompt))
+        generation = generate(ctx, job, [*parts], limiter, audio_seconds=seconds, text=with_names(prompt))
         if len(recordings) > 1 or prompt.template != "transcribe":
             return generation.text, _meta(generation, delivery="files")
         # One recording's transcript: its tail, if missing, is cut from the compact copy and sent inline.
@@ -127,7 +127,7 @@ def _on_timeline(ctx: Context, job: Job, timeline: Timeline, delivery: str,
         audio = InlinePart(data, timeline.recording.converted_mime or timeline.fmt.mime_type)
     else:
         audio = _piece(ctx, job, timeline, start, end, 0)
-    generation = generate(ctx, job, [audio], limiter, audio_seconds=end - start, text=_with_names(prompt))
+    generation = generate(ctx, job, [audio], limiter, audio_seconds=end - start, text=with_names(prompt))
     placed = chunking.offset_timestamps(generation.text, start, timeline.duration, span_seconds=end - start) \
         if start or delivery == "span" or timeline.trim_map is not None else None
     text, fixes = (placed.text, placed.fixes) if placed is not None else (generation.text, [])
@@ -185,7 +185,7 @@ def _fill_tail(ctx: Context, job: Job, timeline: Timeline, text: str, *, origin:
         tail_start = max(start, reached - TAIL_OVERLAP_SECONDS)
         log.info("prompt %d: the transcript%s stops at %s of %s; asking for the rest on its own", prompt.id, label,
                  chunking.format_clock(origin + reached), chunking.format_clock(origin + end))
-        note = (f"{_with_names(prompt)}\n(This is the end of a longer recording: timestamps start at 00:00:00 at the "
+        note = (f"{with_names(prompt)}\n(This is the end of a longer recording: timestamps start at 00:00:00 at the "
                 "beginning of this part.)")
         audio = _piece(ctx, job, timeline, origin + tail_start, origin + end, 900 + len(tails))
         tail = generate(ctx, job, [audio], limiter, audio_seconds=end - tail_start, text=note)
@@ -281,7 +281,8 @@ def _names(prompt: Prompt) -> list[str]:
     return [name for name in (prompt.speakers or "").splitlines() if name.strip()]
 
 
-def _with_names(prompt: Prompt) -> str:
+def with_names(prompt: Prompt) -> str:
+    """The prompt's text, with the speakers' names when `ask --speakers` gave them (the batch lane sends it too)."""
     names = _names(prompt)
     if not names:
         return prompt.prompt_text

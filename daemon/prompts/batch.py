@@ -46,7 +46,7 @@ from daemon.policy import Action
 from daemon.prompts import lifecycle as prompt_lifecycle
 from daemon.prompts import pricing
 from daemon.prompts import queue as prompt_queue
-from daemon.prompts.answer import _with_names
+from daemon.prompts.answer import with_names
 from daemon.prompts.generation import (
     SENT,
     Job,
@@ -262,7 +262,7 @@ class BatchKind:
     def _request(self, job: Job) -> BatchRequest:
         prompt = job.prompt
         parts: list[Any] = [FilePart(r.remote_uri or "", r.converted_mime or "") for r in job.recordings]
-        return BatchRequest(key=str(prompt.id), parts=[*parts, _with_names(prompt)],
+        return BatchRequest(key=str(prompt.id), parts=[*parts, with_names(prompt)],
                             system_instruction=prompt.system_instruction,
                             max_output_tokens=output_budget(self.ctx, prompt),
                             thinking_budget=thinking_budget(self.ctx))
